@@ -1,0 +1,784 @@
+"""MOPO: Model-based Offline Policy Optimization, in one file.
+
+Yu, Thomas, Yu, Ermon, Zou, Levine, Finn, Ma. NeurIPS 2020. arXiv:2005.13239 (v2). Equation and algorithm numbers
+below refer to that version; "authors' code" is github.com/tianheyu927/mopo (TF1, built on MBPO/softlearning).
+
+    python mopo.py --env-id hopper-medium-v2                       # the published (h, λ) for the task
+    python mopo.py --env-id hopper-medium-v2 --lam 1.0 --rollout-length 5
+    python mopo.py --env-id walker2d-medium-v2 --dataset-path my_walker.hdf5   # a local file in D4RL layout
+
+Sections: 1 Args · 2 Data · 3 Termination functions · 4 Ensemble dynamics · 5 MOPO: penalty and rollouts ·
+6 SAC · 7 Evaluation · 8 main.
+
+Implementation details (every choice the paper leaves open; its source; where we depart from the authors, why):
+D1  Model targets are [reward, Δs = s' − s], reward first (authors' code; OfflineRL-Kit puts it last). Inputs
+    [s, a] are z-scored with the training split's mean/std (std < 1e-12 → 1), stored inside the model.
+D2  Dynamics: 7 members, 4 hidden layers × 200 swish, a mean head and a separate log-variance head both reading the
+    last hidden layer (authors' D4RL configs, `separate_mean_var`); weights truncated-normal, std 1/(2√fan_in),
+    biases zero (authors' FC layer).
+D3  Log-variance soft bounds: learnable max (init 0.5) and min (init −10) shared by the members,
+    lv = max − softplus(max − lv), lv = min + softplus(lv − min), loss += 0.01·Σmax − 0.01·Σmin (authors' code).
+D4  Model loss: per member, mean over batch and dims of (μ − y)²·e^{−lv} + lv; summed over members; plus the L2
+    term 0.5·wd·Σw² with wd = 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 for the hidden layers and 1e-4 for each head.
+D5  Model training: holdout min(20%, 1000) transitions; each member trains on its own bootstrap of the rest; Adam
+    1e-3, batch 256. A member's weights are snapshotted when its holdout MSE improves by > 1% (relative); training
+    stops once no member improved for more than 5 epochs, and the snapshots are restored (the shared log-variance
+    bounds keep their last values, as in the authors' code). Elites = the 5 lowest holdout MSEs. Trained once.
+D6  Penalty (Alg. 2, Sec. 4.3): u(s,a) = max over ALL members (not only elites) of ‖σ_i(s,a)‖₂, the norm of the
+    predicted std vector, reward dim included. The paper writes ‖Σ_i‖_F; the authors' code uses the std, so do we.
+    `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims (the authors' disagreement alternative).
+D7  Model step: for each transition one random elite, sample (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u
+    (authors' code; the paper writes the mean r̂). Noise is drawn only for the chosen member.
+D8  Rollouts: `rollout_batch_size` start states drawn uniformly from the dataset, the current stochastic policy,
+    h steps, every `rollout_freq` updates (first one before the first update); a branch stops once the
+    termination function fires (its terminal transition is kept, with done = 1).
+D9  Model buffer: FIFO of model_retain_epochs × rollout_batch_size × h rows, the oldest rows dropped first. The
+    authors size it model_retain_epochs × (rollouts per epoch) × h, the same with the default schedule.
+D10 Batch mixing: each SAC batch is int(real_ratio·batch_size) real rows + the rest model rows, one fused batch.
+    real_ratio = 0: pure model data (real data only seeds rollouts). real_ratio = 1: plain SAC on the dataset;
+    rollouts are skipped (the model is still trained and saved, and never used).
+D11 Termination functions from MBPO/MOPO's static functions; hopper's `abs()` bug, which wrapped the whole
+    `< 100` comparison, is fixed; each is tested against the gymnasium env's own `terminated`.
+D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` pairs s_i with s_{i+1}, wrong at
+    episode ends); `timeouts` are not terminals; the whole dataset is kept (the authors' 1M-row pool drops half of
+    medium-expert).
+D13 SAC as softlearning (authors' code): 2×256 ReLU actor and critics, tanh-Gaussian with log-std in (−20, 2),
+    lr 3e-4 (actor, critics, α), γ 0.99, τ 0.005 every update, α from 1.0 with loss −log α·(log π + H̄),
+    target entropy −3 (authors' value for every task), min of the twin critics in both target and actor loss.
+    Departures: critic, then actor, then α are stepped one after another on the same batch (CleanRL order; the TF
+    graph computed all three from pre-update values), and layers use PyTorch's default init (Keras: Glorot).
+D14 Evaluation in gymnasium's `-v4` MuJoCo envs (mujoco bindings) instead of gym `-v2`/mujoco-py: same model files
+    and observation layout; Ant with `use_contact_forces=True` for D4RL's 111-dim observation. Deterministic
+    actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
+D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random datasets from the authors' -v0
+    configs; the rest (expert, full-replay, ant) are ours, see TASK_DEFAULTS.
+"""
+
+import json
+import math
+import os
+import random
+import time
+import urllib.request
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+# === 1. Args ===
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "mopo"
+    """the name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, CUDA is used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases"""
+    wandb_project_name: str = "mopo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    save_model: bool = False
+    """if toggled, save actor and critics to `runs/{run_name}/model.pt` (the dynamics are always saved)"""
+
+    # data
+    env_id: str = "hopper-medium-v2"
+    """D4RL task id, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2"""
+    dataset_path: Optional[str] = None
+    """a local hdf5 in D4RL layout used instead of the D4RL download; `--env-id` still names the task"""
+
+    # dynamics ensemble (D2-D5)
+    num_ensemble: int = 7
+    """number of ensemble members"""
+    num_elites: int = 5
+    """number of elite members used to sample model transitions"""
+    dynamics_hidden_dim: int = 200
+    """width of the 4 hidden layers of each member"""
+    dynamics_lr: float = 1e-3
+    """Adam learning rate of the dynamics ensemble"""
+    dynamics_batch_size: int = 256
+    """minibatch size per member for dynamics training"""
+    holdout_size: int = 1000
+    """held-out transitions for early stopping (at most 20% of the data)"""
+    dynamics_max_epochs: Optional[int] = None
+    """cap on dynamics training epochs (default: until early stopping)"""
+
+    # MOPO (Alg. 2)
+    lam: Optional[float] = None
+    """λ, the penalty coefficient (default: the published value for the task, see README)"""
+    rollout_length: Optional[int] = None
+    """h, the model rollout horizon (default: the published value for the task)"""
+    rollout_batch_size: int = 50_000
+    """start states per rollout round"""
+    rollout_freq: int = 1000
+    """gradient updates between rollout rounds"""
+    model_retain_epochs: int = 5
+    """rollout rounds the FIFO model buffer holds"""
+    real_ratio: float = 0.05
+    """share of real transitions in each SAC batch"""
+    penalty: Literal["aleatoric", "ensemble-std"] = "aleatoric"
+    """u(s,a): `aleatoric` = max_i ‖σ_i‖ (paper), `ensemble-std` = max_i ‖μ_i − mean μ‖ (disagreement)"""
+
+    # SAC
+    batch_size: int = 256
+    """SAC batch size (real + model)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network smoothing coefficient"""
+    policy_lr: float = 3e-4
+    """actor learning rate"""
+    q_lr: float = 3e-4
+    """critic learning rate"""
+    alpha_lr: float = 3e-4
+    """entropy temperature learning rate"""
+    autotune: bool = True
+    """automatic tuning of the entropy temperature α"""
+    alpha: float = 1.0
+    """α when `--no-autotune`; its initial value otherwise is 1.0"""
+    target_entropy: float = -3.0
+    """target entropy H̄ for autotuning (authors' code: −3 for every task)"""
+
+    # schedule and evaluation
+    epochs: int = 1000
+    """training epochs"""
+    steps_per_epoch: int = 1000
+    """gradient updates per epoch"""
+    eval_freq: int = 1
+    """evaluate every this many epochs (and always after the last)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes per evaluation"""
+    log_freq: int = 1000
+    """log losses every this many gradient updates"""
+
+
+def check_args(args: Args) -> None:
+    """One clear line per bad flag, before anything is loaded or trained."""
+    rules = [
+        (args.lam is None or args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
+        (args.rollout_length is None or args.rollout_length >= 1, f"--rollout-length must be >= 1, got {args.rollout_length}"),
+        (0.0 <= args.real_ratio <= 1.0, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
+        (args.num_ensemble >= 1, f"--num-ensemble must be >= 1, got {args.num_ensemble}"),
+        (1 <= args.num_elites <= args.num_ensemble,
+         f"--num-elites must be in [1, --num-ensemble={args.num_ensemble}], got {args.num_elites}"),
+        (args.dynamics_max_epochs is None or args.dynamics_max_epochs >= 1, "--dynamics-max-epochs must be >= 1"),
+        (0.0 <= args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma must be in [0, 1] and --tau in (0, 1]"),
+        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
+    ]
+    for name in ("batch_size", "dynamics_batch_size", "rollout_batch_size", "rollout_freq", "model_retain_epochs",
+                 "epochs", "steps_per_epoch", "eval_freq", "eval_episodes", "log_freq", "holdout_size",
+                 "dynamics_hidden_dim"):
+        rules.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"))
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+# === 2. Data: D4RL tasks, download and cache, replay buffers ===
+# family: (gymnasium env id, gym.make kwargs, D4RL reference min and max return for the normalized score)
+D4RL_FAMILIES = {
+    "hopper": ("Hopper-v4", {}, -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v4", {}, -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v4", {}, 1.629008, 4592.3),
+    "ant": ("Ant-v4", {"use_contact_forces": True}, -325.6, 3879.7),  # D14: D4RL's 111-dim observation
+}
+D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
+# (h, λ) per task (D15). OfflineRL-Kit's -v2 settings; random: authors' -v0 configs; "ours": no published value.
+TASK_DEFAULTS = {
+    ("halfcheetah", "medium"): (5, 0.5), ("hopper", "medium"): (5, 5.0), ("walker2d", "medium"): (5, 0.5),
+    ("halfcheetah", "medium-replay"): (5, 0.5), ("hopper", "medium-replay"): (5, 2.5),
+    ("walker2d", "medium-replay"): (1, 2.5),
+    ("halfcheetah", "medium-expert"): (5, 2.5), ("hopper", "medium-expert"): (5, 5.0),
+    ("walker2d", "medium-expert"): (1, 2.5),
+    ("halfcheetah", "random"): (5, 0.5), ("hopper", "random"): (5, 1.0), ("walker2d", "random"): (1, 1.0),
+}
+# ours: expert data is as narrow as medium-expert's → its setting; full-replay is as broad as medium-replay → its
+# setting; ant has no published MOPO D4RL setting → h 5, λ 1.0, the middle of the published λ range.
+for _family in ("halfcheetah", "hopper", "walker2d"):
+    TASK_DEFAULTS[(_family, "expert")] = TASK_DEFAULTS[(_family, "medium-expert")]
+    TASK_DEFAULTS[(_family, "full-replay")] = TASK_DEFAULTS[(_family, "medium-replay")]
+for _dataset in D4RL_DATASETS:
+    TASK_DEFAULTS[("ant", _dataset)] = (5, 1.0)
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "next_observations")
+
+
+@dataclass
+class Task:
+    env_id: str  # as the user typed it
+    family: str  # picks the termination function
+    dataset: Optional[str]  # D4RL dataset type (random, medium, ...); None for a gymnasium task
+    gym_id: str  # the gymnasium env used for evaluation
+    gym_kwargs: dict
+    ref_min: Optional[float]  # D4RL reference returns; None where none exist
+    ref_max: Optional[float]
+    file_name: Optional[str]  # D4RL's file name (None for a gymnasium task, which needs --dataset-path)
+
+
+def make_task(env_id: str) -> Task:
+    family, _, rest = env_id.partition("-")
+    dataset = rest[: -len("-v2")] if rest.endswith("-v2") else None
+    if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
+        valid = ", ".join(f"{f}-{d}-v2" for f in D4RL_FAMILIES for d in D4RL_DATASETS)
+        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}")
+    gym_id, gym_kwargs, ref_min, ref_max = D4RL_FAMILIES[family]
+    file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's own name, so its cache is reused
+    return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name)
+
+
+def d4rl_cache_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch url to path through a `.part` file, renamed only once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and part.stat().st_size != total:
+            raise OSError(f"got {part.stat().st_size} of {total} bytes")
+    except OSError as e:
+        raise RuntimeError(f"could not download {url} to {path} ({e}); fetch the file by hand and place it there, "
+                           f"or pass --dataset-path") from e
+    part.replace(path)
+
+
+def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
+    """Read a D4RL-layout hdf5 and check it against the env: a dict of float32 arrays (D12)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist; check --dataset-path")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable hdf5 file ({e}); delete it and download again") from e
+    with f:
+        missing = [k for k in REQUIRED_KEYS if k not in f]
+        if missing:
+            raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}")
+        data = {k: np.asarray(f[k][()], dtype=np.float32) for k in REQUIRED_KEYS}
+    data["rewards"] = data["rewards"].reshape(len(data["rewards"]), -1).squeeze(-1)
+    data["terminals"] = data["terminals"].reshape(len(data["terminals"]), -1).squeeze(-1)
+    n = len(data["observations"])
+    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "actions": (n, act_dim),
+                "rewards": (n,), "terminals": (n,)}
+    for key, shape in expected.items():
+        if data[key].shape != shape:
+            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected {shape} for this env "
+                             f"(obs_dim {obs_dim}, act_dim {act_dim}); does --env-id match the dataset?")
+        if not np.isfinite(data[key]).all():
+            raise ValueError(f"{path}: {key} holds NaN or inf values; clean the dataset first")
+    if n < 2:
+        raise ValueError(f"{path} holds {n} transitions; MOPO needs a dataset")
+    return data
+
+
+def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: int) -> dict:
+    if dataset_path is not None:
+        return load_dataset(Path(dataset_path), obs_dim, act_dim)
+    path = d4rl_cache_dir() / task.file_name
+    if not path.exists():
+        download(D4RL_URL.format(file=task.file_name), path)
+    return load_dataset(path, obs_dim, act_dim)
+
+
+class ReplayBuffer:
+    """Transitions as rows [s, a, r, s', done] of one [capacity, width] tensor on the training device; once full,
+    new rows overwrite the oldest (FIFO, D9). Sampling is uniform with device-side indices."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.fields = (obs_dim, act_dim, 1, obs_dim, 1)
+        self.data = torch.zeros(capacity, sum(self.fields), device=device)
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows[-self.capacity:]  # [n, width]
+        n = len(rows)
+        first = min(n, self.capacity - self.ptr)  # rows that fit before the end; the rest wrap to the front
+        self.data[self.ptr: self.ptr + first] = rows[:first]
+        self.data[: n - first] = rows[first:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, n: int) -> torch.Tensor:
+        idx = torch.randint(self.size, (n,), device=self.data.device) if n > 0 else self.data.new_zeros(0).long()
+        return self.data[idx]  # [n, width]
+
+    def split(self, rows: torch.Tensor):
+        obs, act, rew, next_obs, done = rows.split(self.fields, dim=1)
+        return obs, act, rew.squeeze(1), next_obs, done.squeeze(1)  # rew, done: [n]
+
+
+def to_rows(obs, act, rew, next_obs, done) -> torch.Tensor:
+    return torch.cat([obs, act, rew[:, None], next_obs, done[:, None].float()], dim=1)
+
+
+def sample_mixed(real: ReplayBuffer, model: ReplayBuffer, batch_size: int, real_ratio: float) -> torch.Tensor:
+    """D10: int(real_ratio·B) real rows, the rest from the model buffer, as one fused batch."""
+    n_real = int(real_ratio * batch_size)
+    return torch.cat([real.sample(n_real), model.sample(batch_size - n_real)])
+
+
+# === 3. Termination functions: done(s, a, s') on batches [B, obs_dim] → [B] bool (D11) ===
+def hopper_done(obs, act, next_obs):
+    height, angle = next_obs[:, 0], next_obs[:, 1]
+    healthy = (torch.isfinite(next_obs).all(1) & (next_obs[:, 1:].abs() < 100).all(1)  # the old code: abs(... < 100)
+               & (height > 0.7) & (angle.abs() < 0.2))
+    return ~healthy
+
+
+def walker2d_done(obs, act, next_obs):
+    height, angle = next_obs[:, 0], next_obs[:, 1]
+    return ~((height > 0.8) & (height < 2.0) & (angle > -1.0) & (angle < 1.0))
+
+
+def halfcheetah_done(obs, act, next_obs):
+    return torch.zeros(len(next_obs), dtype=torch.bool, device=next_obs.device)
+
+
+def ant_done(obs, act, next_obs):
+    height = next_obs[:, 0]
+    return ~(torch.isfinite(next_obs).all(1) & (height >= 0.2) & (height <= 1.0))
+
+
+TERMINATION_FNS: dict[str, Callable] = {
+    "hopper": hopper_done, "walker2d": walker2d_done, "halfcheetah": halfcheetah_done, "ant": ant_done,
+}
+
+
+# === 4. Ensemble dynamics p̂(s', r | s, a) (Sec. 4.3, authors' BNN) ===
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: [E, B, in] → [E, B, out]. Init per member as nn.Linear."""
+
+    def __init__(self, num_members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_members, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleDynamics(nn.Module):
+    """Gaussian ensemble: (s, a) → mean and log-variance of [r, Δs] for every member (D1–D3)."""
+
+    weight_decays = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4, 1e-4)  # D4: hidden layers 1..4, mean head, log-var head
+
+    def __init__(self, obs_dim: int, act_dim: int, num_ensemble: int = 7, num_elites: int = 5, hidden_dim: int = 200):
+        super().__init__()
+        in_dim, out_dim = obs_dim + act_dim, 1 + obs_dim
+        dims = (in_dim, hidden_dim, hidden_dim, hidden_dim, hidden_dim)
+        self.hidden = nn.ModuleList(EnsembleLinear(num_ensemble, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.mean_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim)
+        self.logvar_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim)
+        for layer in self.layers():  # D2: the authors' truncated-normal init
+            std = 1 / (2 * math.sqrt(layer.weight.shape[1]))
+            nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(layer.bias)
+        self.max_logvar = nn.Parameter(torch.full((out_dim,), 0.5))  # D3
+        self.min_logvar = nn.Parameter(torch.full((out_dim,), -10.0))
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
+        self.register_buffer("elites", torch.arange(num_elites))
+
+    def layers(self):
+        return [*self.hidden, self.mean_head, self.logvar_head]
+
+    def forward(self, obs, act):
+        """obs, act: [B, ·] (same rows for every member) or [E, B, ·] → mean, logvar: [E, B, 1 + obs_dim]."""
+        x = (torch.cat([obs, act], dim=-1) - self.input_mean) / self.input_std
+        if x.dim() == 2:
+            x = x.expand(self.mean_head.weight.shape[0], *x.shape)  # [E, B, in]
+        for layer in self.hidden:
+            x = F.silu(layer(x))  # swish
+        mean, logvar = self.mean_head(x), self.logvar_head(x)
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)  # D3: soft bounds
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+
+def dynamics_loss(model: EnsembleDynamics, obs, act, target):
+    """D4: Gaussian NLL without its constant, per member then summed, + log-var bound and L2 terms. Inputs [E, B, ·]."""
+    mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
+    nll = ((mean - target).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))  # [E]
+    loss = nll.sum() + 0.01 * model.max_logvar.sum() - 0.01 * model.min_logvar.sum()
+    for layer, wd in zip(model.layers(), model.weight_decays):
+        loss = loss + 0.5 * wd * layer.weight.pow(2).sum()
+    return loss
+
+
+def make_model_data(real: ReplayBuffer):
+    """Model inputs (s, a) and targets [r, Δs] (D1) from every real transition."""
+    obs, act, rew, next_obs, _ = real.split(real.data[: real.size])
+    return obs, act, torch.cat([rew[:, None], next_obs - obs], dim=1)
+
+
+@torch.no_grad()
+def holdout_mse(model, obs, act, target):
+    mean, _ = model(obs, act)
+    return (mean - target).pow(2).mean(dim=(1, 2))  # [E]
+
+
+def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer=None) -> dict:
+    """D5: bootstrap per member, holdout early stopping with per-member snapshots, then pick elites."""
+    n, E = len(obs), args.num_ensemble
+    perm = torch.randperm(n, device=obs.device)
+    n_holdout = min(int(0.2 * n), args.holdout_size)
+    hold, train = perm[:n_holdout], perm[n_holdout:]
+    if n_holdout < 1:
+        raise ValueError(f"dataset of {n} transitions is too small to hold out any for early stopping")
+    inputs = torch.cat([obs[train], act[train]], dim=1)
+    model.input_mean.copy_(inputs.mean(0))
+    model.input_std.copy_(torch.where(inputs.std(0) < 1e-12, torch.ones_like(inputs[0]), inputs.std(0)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.dynamics_lr)
+    member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
+    snapshot = [p.detach().clone() for p in member_params]
+    best = torch.full((E,), 1e10, device=obs.device)
+    boot = train[torch.randint(len(train), (E, len(train)), device=obs.device)]  # [E, N_train] bootstrap indices
+    epoch, epochs_since_update = 0, 0
+    bar = tqdm(desc="dynamics", unit="epoch", total=args.dynamics_max_epochs)
+    while True:
+        boot = boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # shuffle each member
+        for b in range(0, boot.shape[1], args.dynamics_batch_size):
+            idx = boot[:, b: b + args.dynamics_batch_size]  # [E, batch]
+            loss = dynamics_loss(model, obs[idx], act[idx], target[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        epoch += 1
+        mse = holdout_mse(model, obs[hold], act[hold], target[hold])  # [E]
+        improved = (best - mse) / best > 0.01
+        best = torch.where(improved, mse, best)
+        for p, s in zip(member_params, snapshot):
+            s[improved] = p.detach()[improved]
+        epochs_since_update = 0 if improved.any() else epochs_since_update + 1
+        if writer is not None:
+            writer.add_scalar("dynamics/train_loss", loss.item(), epoch)
+            writer.add_scalar("dynamics/holdout_mse", mse.mean().item(), epoch)
+        bar.update()
+        bar.set_postfix(holdout_mse=f"{mse.mean().item():.4g}")
+        if epochs_since_update > 5 or epoch == args.dynamics_max_epochs:
+            break
+    bar.close()
+    with torch.no_grad():
+        for p, s in zip(member_params, snapshot):
+            p.copy_(s)
+    mse = holdout_mse(model, obs[hold], act[hold], target[hold])
+    model.elites.copy_(mse.argsort()[: args.num_elites])
+    stats = {"epochs": epoch, "holdout_mse": mse.mean().item(),
+             "elite_holdout_mse": mse[model.elites].mean().item()}
+    if writer is not None:
+        writer.add_scalar("dynamics/epochs", epoch, 0)
+        writer.add_scalar("dynamics/elite_holdout_mse", stats["elite_holdout_mse"], 0)
+    return stats
+
+
+# === 5. MOPO: uncertainty-penalized model rollouts (Alg. 2) ===
+def penalty(mean, logvar, kind: str = "aleatoric"):
+    """u(s, a) [B] from every member's prediction; mean, logvar: [E, B, 1 + obs_dim] (D6)."""
+    if kind == "aleatoric":
+        return logvar.mul(0.5).exp().norm(dim=-1).amax(dim=0)  # Sec. 4.3: max_i ‖σ_i(s,a)‖
+    if kind == "ensemble-std":
+        delta = mean[..., 1:]  # [E, B, obs_dim]: the Δs dims
+        return (delta - delta.mean(dim=0)).norm(dim=-1).amax(dim=0)
+    raise ValueError(f"unknown penalty {kind!r}; use aleatoric or ensemble-std")
+
+
+@torch.no_grad()
+def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam: float, penalty_kind: str,
+            termination_fn: Callable, chunk_size: int = 10_000):
+    """h-step branched rollouts from start_obs [B, obs_dim] under the current policy in the penalized MDP.
+    Returns transition rows [M, width] (M ≤ B·h) and a dict of statistics (tensors)."""
+    rows, raw_rew, pen, terminal = [], [], [], []
+    for obs in start_obs.split(chunk_size):  # chunks keep the [E, B, 200] activations small
+        for _ in range(rollout_length):
+            act, _ = actor.sample(obs)  # D8: the current stochastic policy
+            mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
+            u = penalty(mean, logvar, penalty_kind)  # [B]
+            member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device)]  # D7
+            row = torch.arange(len(obs), device=obs.device)
+            mu, std = mean[member, row], logvar[member, row].mul(0.5).exp()  # [B, 1 + obs_dim]
+            sample = mu + std * torch.randn_like(mu)
+            rew, next_obs = sample[:, 0], obs + sample[:, 1:]
+            done = termination_fn(obs, act, next_obs)  # [B] bool
+            assert rew.shape == u.shape == done.shape == (len(obs),)
+            rows.append(to_rows(obs, act, rew - lam * u, next_obs, done))  # Alg. 2: r̃ = r − λ·u(s, a)
+            raw_rew.append(rew), pen.append(u), terminal.append(done)
+            obs = next_obs[~done]  # terminated branches stop
+            if len(obs) == 0:
+                break
+    raw_rew, pen, terminal = torch.cat(raw_rew), torch.cat(pen), torch.cat(terminal).float()
+    stats = {"penalty_mean": pen.mean(), "penalty_max": pen.max(), "raw_reward_mean": raw_rew.mean(),
+             "penalized_reward_mean": (raw_rew - lam * pen).mean(), "terminal_frac": terminal.mean()}
+    return torch.cat(rows), stats
+
+
+# === 6. SAC (Haarnoja et al. 2018, as in softlearning; D13) ===
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy, rescaled to the action box."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                                   nn.ReLU())
+        self.mean = nn.Linear(hidden_dim, act_dim)
+        self.log_std = nn.Linear(hidden_dim, act_dim)
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs):
+        h = self.trunk(obs)
+        return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs):
+        """Reparameterized action and its log-probability [B] (tanh change of variables)."""
+        mean, log_std = self(obs)
+        eps = torch.randn_like(mean)
+        u = mean + log_std.exp() * eps
+        log_prob = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # log(1 − tanh²u), stably
+        log_prob = log_prob - self.action_scale.log().sum()
+        return torch.tanh(u) * self.action_scale + self.action_bias, log_prob
+
+    def act(self, obs):
+        """The deterministic action used for evaluation."""
+        return torch.tanh(self(obs)[0]) * self.action_scale + self.action_bias
+
+
+class TwinQ(nn.Module):
+    """Twin critics as one batched module: (s, a) [B, ·] → Q [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, num_q: int = 2):
+        super().__init__()
+        self.num_q = num_q
+        self.net = nn.Sequential(EnsembleLinear(num_q, obs_dim + act_dim, hidden_dim), nn.ReLU(),
+                                 EnsembleLinear(num_q, hidden_dim, hidden_dim), nn.ReLU(),
+                                 EnsembleLinear(num_q, hidden_dim, 1))
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], dim=1).expand(self.num_q, -1, -1)  # [2, B, obs_dim + act_dim]
+        return self.net(x).squeeze(-1)  # [2, B]
+
+
+def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
+    """y = r + γ·(1 − done)·(min_j Q'_j(s', a') − α·log π(a'|s')); all [B]. A terminal transition has no future."""
+    assert rew.shape == done.shape == next_q.shape == next_log_prob.shape and rew.dim() == 1
+    return rew + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
+
+
+def sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args: Args) -> dict:
+    """One gradient step of critics, actor and α on one batch; returns detached tensors (no host sync)."""
+    obs, act, rew, next_obs, done = batch
+    alpha = log_alpha.exp().detach() if args.autotune else torch.tensor(args.alpha, device=obs.device)
+    with torch.no_grad():
+        next_act, next_log_prob = actor.sample(next_obs)
+        next_q = qf_target(next_obs, next_act).min(dim=0).values  # [B]
+        target = soft_bellman_target(rew, done, next_q, next_log_prob, alpha, args.gamma)
+    q = qf(obs, act)  # [2, B]
+    q_loss = 0.5 * (q - target).pow(2).mean(dim=1).sum()  # each critic its own MSE, as separate optimizers would
+    q_opt.zero_grad(set_to_none=True)
+    q_loss.backward()
+    q_opt.step()
+
+    qf.requires_grad_(False)  # the actor's backward needs no critic weight gradients
+    new_act, log_prob = actor.sample(obs)
+    actor_loss = (alpha * log_prob - qf(obs, new_act).min(dim=0).values).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    actor_opt.step()
+    qf.requires_grad_(True)
+
+    info = {"q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "q_mean": q.mean().detach(),
+            "entropy": -log_prob.mean().detach()}
+    if args.autotune:
+        alpha_loss = -(log_alpha * (log_prob.detach() + args.target_entropy)).mean()
+        alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_opt.step()
+        info["alpha_loss"] = alpha_loss.detach()
+    with torch.no_grad():  # Polyak averaging of the target critics, fused
+        torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
+    return info
+
+
+# === 7. Evaluation: deterministic episodes in gymnasium MuJoCo, D4RL normalized score per episode (D14) ===
+def make_env(task: Task) -> gym.Env:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date.*")  # -v4 on purpose: D4RL's obs layout
+        return gym.make(task.gym_id, **task.gym_kwargs)
+
+
+def normalized_score(task: Task, returns):
+    if task.ref_min is None:
+        return None
+    return 100.0 * (np.asarray(returns) - task.ref_min) / (task.ref_max - task.ref_min)
+
+
+@torch.no_grad()
+def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int) -> np.ndarray:
+    """One deterministic episode per sub-env, run side by side; returns the undiscounted returns [num_envs]."""
+    obs, _ = envs.reset(seed=seed)
+    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
+    device = actor.action_scale.device
+    while running.any():
+        action = actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += reward * running  # a finished sub-env auto-resets; its later rewards are not counted
+        running &= ~(terminated | truncated)
+    return returns
+
+
+# === 8. main: load → train the model → {rollout, SAC update, evaluate, log} → save ===
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    task = make_task(args.env_id)
+    default_h, default_lam = TASK_DEFAULTS[(task.family, task.dataset)]
+    h = args.rollout_length if args.rollout_length is not None else default_h
+    lam = args.lam if args.lam is not None else default_lam
+    print(f"{args.env_id}: h = {h} ({'--rollout-length' if args.rollout_length is not None else 'task default'}), "
+          f"λ = {lam} ({'--lam' if args.lam is not None else 'task default'}), penalty = {args.penalty}")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env = make_env(task)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    data = get_dataset(task, args.dataset_path, obs_dim, act_dim)
+    n = len(data["observations"])
+    real = ReplayBuffer(n, obs_dim, act_dim, device)
+    real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
+                       ("observations", "actions", "rewards", "next_observations", "terminals"))))
+    print(f"dataset: {n} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=False)  # never write into another run's folder
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # Model learning (Alg. 2, line 1)
+    dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim)
+    dynamics.to(device)
+    dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer)
+    torch.save(dynamics.state_dict(), run_dir / "dynamics.pt")
+    print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
+          f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
+
+    # Policy optimization on the penalized MDP (Alg. 2, lines 2-9)
+    actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high).to(device)
+    qf = TwinQ(obs_dim, act_dim).to(device)
+    qf_target = TwinQ(obs_dim, act_dim).to(device)
+    qf_target.load_state_dict(qf.state_dict())
+    log_alpha = torch.full((), math.log(args.alpha), device=device, requires_grad=True)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    model_buffer = ReplayBuffer(args.model_retain_epochs * args.rollout_batch_size * h, obs_dim, act_dim, device)
+    termination_fn = TERMINATION_FNS[task.family]
+    eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
+
+    results = {"env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_name,
+               "dynamics": dyn_stats, "evaluations": [], "args": asdict(args)}
+    total_updates = args.epochs * args.steps_per_epoch
+    start_time = time.time()
+    bar = tqdm(total=total_updates, desc="MOPO", unit="upd")
+    for step in range(total_updates):
+        global_step = step + 1
+        if step % args.rollout_freq == 0 and args.real_ratio < 1.0:  # D10: no model data needed at real_ratio 1
+            start_obs = real.split(real.sample(args.rollout_batch_size))[0]
+            rows, stats = rollout(actor, dynamics, start_obs, h, lam, args.penalty, termination_fn)
+            model_buffer.add(rows)
+            for k, v in stats.items():
+                writer.add_scalar(f"rollout/{k}", v.item(), global_step)
+            writer.add_scalar("rollout/transitions", len(rows), global_step)
+            writer.add_scalar("rollout/model_buffer_size", model_buffer.size, global_step)
+
+        batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
+        info = sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args)
+
+        if global_step % args.log_freq == 0:
+            for k, v in info.items():
+                writer.add_scalar(f"losses/{k}", float(v), global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            bar.update(args.log_freq)
+
+        epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
+        if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
+            returns = evaluate(actor, eval_envs, seed=args.seed + global_step)
+            scores = normalized_score(task, returns)
+            entry = {"step": global_step, "epoch": epoch, "return": float(returns.mean()),
+                     "return_std": float(returns.std())}
+            writer.add_scalar("eval/return_mean", entry["return"], global_step)
+            writer.add_scalar("eval/return_std", entry["return_std"], global_step)
+            line = f"epoch {epoch} step {global_step}: return {entry['return']:.1f} ± {entry['return_std']:.1f}"
+            if scores is not None:
+                entry["normalized_score"], entry["normalized_score_std"] = float(scores.mean()), float(scores.std())
+                writer.add_scalar("eval/normalized_score_mean", entry["normalized_score"], global_step)
+                writer.add_scalar("eval/normalized_score_std", entry["normalized_score_std"], global_step)
+                line += f", normalized {entry['normalized_score']:.1f} ± {entry['normalized_score_std']:.1f}"
+                bar.set_postfix(score=f"{entry['normalized_score']:.1f}")
+            tqdm.write(line)
+            results["evaluations"].append(entry)
+            results.update(final_return=entry["return"], final_return_std=entry["return_std"],
+                           final_normalized_score=entry.get("normalized_score"),
+                           final_normalized_score_std=entry.get("normalized_score_std"))
+            write_json(run_dir / "results.json", results)
+    bar.update(total_updates - bar.n)
+    bar.close()
+
+    if args.save_model:
+        torch.save({"dynamics": dynamics.state_dict(), "actor": actor.state_dict(), "qf": qf.state_dict(),
+                    "qf_target": qf_target.state_dict(), "log_alpha": log_alpha.detach()}, run_dir / "model.pt")
+    results["wall_time_s"] = time.time() - start_time
+    write_json(run_dir / "results.json", results)
+    eval_envs.close()
+    env.close()
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
