@@ -418,11 +418,16 @@ class EnsembleDynamics(nn.Module):
         return mean, logvar
 
 
+def gaussian_nll(mean, logvar, target):
+    """Per-member Gaussian NLL without its constant, mean over batch and dims: [E, B, D] → [E]. Equals
+    2·(−log N(target; mean, e^logvar)) − log 2π, averaged."""
+    return ((mean - target).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))
+
+
 def dynamics_loss(model: EnsembleDynamics, obs, act, target):
-    """D4: Gaussian NLL without its constant, per member then summed, + log-var bound and L2 terms. Inputs [E, B, ·]."""
-    mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
-    nll = ((mean - target).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))  # [E]
-    loss = nll.sum() + 0.01 * model.max_logvar.sum() - 0.01 * model.min_logvar.sum()
+    """D4: NLL summed over members + log-var bound and L2 terms. Inputs [E, B, ·] (each member its own rows)."""
+    loss = gaussian_nll(*model(obs, act), target).sum()
+    loss = loss + 0.01 * model.max_logvar.sum() - 0.01 * model.min_logvar.sum()
     for layer, wd in zip(model.layers(), model.weight_decays):
         loss = loss + 0.5 * wd * layer.weight.pow(2).sum()
     return loss
@@ -436,8 +441,15 @@ def make_model_data(real: ReplayBuffer):
 
 @torch.no_grad()
 def holdout_mse(model, obs, act, target):
-    mean, _ = model(obs, act)
+    mean, _ = model(obs, act)  # [E, B, 1 + obs_dim]
     return (mean - target).pow(2).mean(dim=(1, 2))  # [E]
+
+
+def select_elites(model: EnsembleDynamics, obs, act, target):
+    """D5: the members with the lowest holdout MSE become the elites. Returns every member's MSE [E]."""
+    mse = holdout_mse(model, obs, act, target)
+    model.elites.copy_(mse.argsort()[: len(model.elites)])
+    return mse
 
 
 def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer=None) -> dict:
@@ -484,9 +496,8 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     with torch.no_grad():
         for p, s in zip(member_params, snapshot):
             p.copy_(s)
-    mse = holdout_mse(model, obs[hold], act[hold], target[hold])
-    model.elites.copy_(mse.argsort()[: args.num_elites])
-    stats = {"epochs": epoch, "holdout_mse": mse.mean().item(),
+    mse = select_elites(model, obs[hold], act[hold], target[hold])
+    stats = {"epochs": epoch, "holdout_mse": mse.mean().item(), "member_holdout_mse": mse.tolist(),
              "elite_holdout_mse": mse[model.elites].mean().item()}
     if writer is not None:
         writer.add_scalar("dynamics/epochs", epoch, 0)

@@ -1,0 +1,50 @@
+"""Smoke: the CLI by subprocess and main(Args(...)) in-process, on a tiny hopper dataset."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mopo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--steps-per-epoch", "50", "--rollout-freq", "25", "--rollout-batch-size", "200",
+        "--eval-episodes", "2", "--dynamics-max-epochs", "3", "--log-freq", "10", "--batch-size", "64"]
+
+
+def check_results(results, run_dir):
+    for key in ("env_id", "seed", "lam", "rollout_length", "final_normalized_score", "final_normalized_score_std",
+                "final_return", "evaluations", "args"):
+        assert key in results, key
+    assert math.isfinite(results["final_normalized_score"]) and math.isfinite(results["final_return"])
+    assert [e["step"] for e in results["evaluations"]] == [50, 100]
+    assert all({"step", "return", "normalized_score"} <= set(e) for e in results["evaluations"])
+    assert (run_dir / "dynamics.pt").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+
+
+def test_cli_runs_to_completion(hopper_file, tmp_path):
+    cmd = [sys.executable, str(ROOT / "mopo.py"), "--env-id", "hopper-medium-v2", "--dataset-path", str(hopper_file),
+           "--lam", "1.0", "--save-model", *TINY]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "λ = 1.0 (--lam)" in proc.stdout and "h = 5 (task default)" in proc.stdout
+    assert "epoch 2 step 100: return" in proc.stdout + proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    check_results(results, run_dir)
+    assert results["lam"] == 1.0 and results["rollout_length"] == 5 and results["args"]["lam"] == 1.0
+    assert (run_dir / "model.pt").is_file()
+
+
+def test_main_in_process(hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = mopo.Args(env_id="hopper-medium-replay-v2", dataset_path=str(hopper_file), seed=3,
+                     **{k.lstrip("-").replace("-", "_"): float(v) if "." in v else int(v)
+                        for k, v in zip(TINY[::2], TINY[1::2])})
+    results = mopo.main(args)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    check_results(results, run_dir)
+    assert results == json.loads((run_dir / "results.json").read_text())
+    assert results["lam"] == 2.5 and results["rollout_length"] == 5  # the published hopper-medium-replay setting
+    assert not (run_dir / "model.pt").exists()

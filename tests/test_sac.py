@@ -1,0 +1,72 @@
+"""SAC pieces (D13): Bellman target masking, tanh-Gaussian log-probability, batched critics, target update."""
+import math
+import types
+
+import torch
+from torch.distributions import Normal, TransformedDistribution
+from torch.distributions.transforms import AffineTransform, TanhTransform
+
+import mopo
+
+
+def test_bellman_target_masks_terminals():
+    rew, done = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])
+    next_q, next_log_prob = torch.tensor([10.0, 10.0]), torch.tensor([-2.0, -2.0])
+    y = mopo.soft_bellman_target(rew, done, next_q, next_log_prob, alpha=0.5, gamma=0.9)
+    torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * (10.0 + 1.0), 1.0]))
+
+
+def test_bellman_target_rejects_column_vectors():
+    try:
+        mopo.soft_bellman_target(torch.zeros(4, 1), torch.zeros(4), torch.zeros(4), torch.zeros(4), 1.0, 0.99)
+    except AssertionError:
+        return
+    raise AssertionError("a [B, 1] reward would broadcast against [B] into [B, B]")
+
+
+def test_actor_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = mopo.Actor(4, 3, torch.tensor([-2.0, -1.0, 0.0]), torch.tensor([2.0, 1.0, 1.0]))
+    obs = torch.randn(64, 4)
+    torch.manual_seed(1)
+    action, log_prob = actor.sample(obs)
+    mean, log_std = actor(obs)
+    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1),
+                                                                  AffineTransform(actor.action_bias, actor.action_scale)])
+    expected = dist.log_prob(action.clamp(-2 + 1e-6, 2 - 1e-6)).sum(-1)
+    assert log_prob.shape == (64,)
+    ok = (action - actor.action_bias).abs() < 0.99 * actor.action_scale  # away from tanh saturation (atanh is exact)
+    torch.testing.assert_close(log_prob[ok.all(1)], expected[ok.all(1)], atol=1e-3, rtol=1e-4)
+    assert ((action >= actor.action_bias - actor.action_scale) & (action <= actor.action_bias + actor.action_scale)).all()
+
+
+def test_twin_critics_batched_equal_separate_mlps():
+    torch.manual_seed(0)
+    qf = mopo.TwinQ(5, 2, hidden_dim=16)
+    obs, act = torch.randn(9, 5), torch.randn(9, 2)
+    q = qf(obs, act)
+    assert q.shape == (2, 9)
+    for i in range(2):
+        h = torch.cat([obs, act], 1)
+        for j, layer in enumerate(qf.net[::2]):
+            h = h @ layer.weight[i] + layer.bias[i]
+            h = torch.relu(h) if j < 2 else h
+        torch.testing.assert_close(q[i], h.squeeze(-1))
+
+
+def test_sac_update_moves_targets_by_tau_and_learns():
+    torch.manual_seed(0)
+    args = types.SimpleNamespace(autotune=True, alpha=1.0, gamma=0.99, tau=0.25, target_entropy=-1.0)
+    actor, qf, qf_target = mopo.Actor(3, 1, -torch.ones(1), torch.ones(1)), mopo.TwinQ(3, 1), mopo.TwinQ(3, 1)
+    log_alpha = torch.zeros((), requires_grad=True)
+    opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
+            torch.optim.Adam([log_alpha], 3e-4)]
+    batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.zeros(32))
+    target_before = [p.clone() for p in qf_target.parameters()]
+    actor_before = [p.clone() for p in actor.parameters()]
+    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
+    for t0, t1, p in zip(target_before, qf_target.parameters(), qf.parameters()):
+        torch.testing.assert_close(t1, t0 + 0.25 * (p - t0))  # θ' ← θ' + τ(θ − θ'), with θ already updated
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
+    assert log_alpha.item() != 0.0 and all(p.requires_grad for p in qf.parameters())
+    assert all(torch.isfinite(v) for v in info.values())
