@@ -26,7 +26,8 @@ D5  Model training: holdout min(20%, 1000) transitions; each member trains on it
     bounds keep their last values, as in the authors' code). Elites = the 5 lowest holdout MSEs. Trained once.
 D6  Penalty (Alg. 2, Sec. 4.3): u(s,a) = max over ALL members (not only elites) of ‖σ_i(s,a)‖₂, the norm of the
     predicted std vector, reward dim included. The paper writes ‖Σ_i‖_F; the authors' code uses the std, so do we.
-    `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims (the authors' disagreement alternative).
+    `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims, the authors' disagreement alternative
+    (OfflineRL-Kit's `pairwise-diff`; not Kit's `ensemble_std`, which is √(mean over dims of the member variance)).
 D7  Model step: for each transition one random elite, sample (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u
     (authors' code; the paper writes the mean r̂). Noise is drawn only for the chosen member.
 D8  Rollouts: `rollout_batch_size` start states drawn uniformly from the dataset, the current stochastic policy,
@@ -38,7 +39,8 @@ D10 Batch mixing: each SAC batch is int(real_ratio·batch_size) real rows + the 
     real_ratio = 0: pure model data (real data only seeds rollouts). real_ratio = 1: plain SAC on the dataset;
     rollouts are skipped (the model is still trained and saved, and never used).
 D11 Termination functions from MBPO/MOPO's static functions; hopper's `abs()` bug, which wrapped the whole
-    `< 100` comparison, is fixed; each is tested against the gymnasium env's own `terminated`.
+    `< 100` comparison, is fixed; each is tested against the gymnasium env's own `terminated`. Hopper's env also
+    ends on |qvel| > 100, which its observation (velocities clipped to ±10) cannot show; MBPO's function shares this.
 D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` pairs s_i with s_{i+1}, wrong at
     episode ends); `timeouts` are not terminals; the whole dataset is kept (the authors' 1M-row pool drops half of
     medium-expert).
@@ -151,7 +153,7 @@ class Args:
     autotune: bool = True
     """automatic tuning of the entropy temperature α"""
     alpha: float = 1.0
-    """α when `--no-autotune`; its initial value otherwise is 1.0"""
+    """α when `--no-autotune`, else its initial value (authors: 1.0)"""
     target_entropy: float = -3.0
     """target entropy H̄ for autotuning (authors' code: −3 for every task)"""
 
@@ -462,7 +464,8 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         raise ValueError(f"dataset of {n} transitions is too small to hold out any for early stopping")
     inputs = torch.cat([obs[train], act[train]], dim=1)
     model.input_mean.copy_(inputs.mean(0))
-    model.input_std.copy_(torch.where(inputs.std(0) < 1e-12, torch.ones_like(inputs[0]), inputs.std(0)))
+    std = inputs.std(0, unbiased=False)  # np.std, as the authors' scaler
+    model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.dynamics_lr)
     member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
     snapshot = [p.detach().clone() for p in member_params]
@@ -472,12 +475,14 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     bar = tqdm(desc="dynamics", unit="epoch", total=args.dynamics_max_epochs)
     while True:
         boot = boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # shuffle each member
+        losses = []
         for b in range(0, boot.shape[1], args.dynamics_batch_size):
             idx = boot[:, b: b + args.dynamics_batch_size]  # [E, batch]
             loss = dynamics_loss(model, obs[idx], act[idx], target[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(loss.detach())
         epoch += 1
         mse = holdout_mse(model, obs[hold], act[hold], target[hold])  # [E]
         improved = (best - mse) / best > 0.01
@@ -486,7 +491,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
             s[improved] = p.detach()[improved]
         epochs_since_update = 0 if improved.any() else epochs_since_update + 1
         if writer is not None:
-            writer.add_scalar("dynamics/train_loss", loss.item(), epoch)
+            writer.add_scalar("dynamics/train_loss", torch.stack(losses).mean().item(), epoch)
             writer.add_scalar("dynamics/holdout_mse", mse.mean().item(), epoch)
         bar.update()
         bar.set_postfix(holdout_mse=f"{mse.mean().item():.4g}")
@@ -605,7 +610,7 @@ def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
 def sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args: Args) -> dict:
     """One gradient step of critics, actor and α on one batch; returns detached tensors (no host sync)."""
     obs, act, rew, next_obs, done = batch
-    alpha = log_alpha.exp().detach() if args.autotune else torch.tensor(args.alpha, device=obs.device)
+    alpha = log_alpha.exp().detach() if args.autotune else args.alpha
     with torch.no_grad():
         next_act, next_log_prob = actor.sample(next_obs)
         next_q = qf_target(next_obs, next_act).min(dim=0).values  # [B]
@@ -624,14 +629,14 @@ def sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_o
     actor_opt.step()
     qf.requires_grad_(True)
 
-    info = {"q_loss": q_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "q_mean": q.mean().detach(),
-            "entropy": -log_prob.mean().detach()}
+    info = {"losses/q_loss": q_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
+            "charts/q_mean": q.mean().detach(), "charts/entropy": -log_prob.mean().detach()}
     if args.autotune:
         alpha_loss = -(log_alpha * (log_prob.detach() + args.target_entropy)).mean()
         alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         alpha_opt.step()
-        info["alpha_loss"] = alpha_loss.detach()
+        info["losses/alpha_loss"] = alpha_loss.detach()
     with torch.no_grad():  # Polyak averaging of the target critics, fused
         torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
     return info
@@ -719,11 +724,13 @@ def main(args: Args) -> dict:
     qf = TwinQ(obs_dim, act_dim).to(device)
     qf_target = TwinQ(obs_dim, act_dim).to(device)
     qf_target.load_state_dict(qf.state_dict())
+    qf_target.requires_grad_(False)
     log_alpha = torch.full((), math.log(args.alpha), device=device, requires_grad=True)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
-    model_buffer = ReplayBuffer(args.model_retain_epochs * args.rollout_batch_size * h, obs_dim, act_dim, device)
+    model_rows = args.model_retain_epochs * args.rollout_batch_size * h if args.real_ratio < 1 else 1  # D9, D10
+    model_buffer = ReplayBuffer(model_rows, obs_dim, act_dim, device)
     termination_fn = TERMINATION_FNS[task.family]
     eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
 
@@ -748,7 +755,7 @@ def main(args: Args) -> dict:
 
         if global_step % args.log_freq == 0:
             for k, v in info.items():
-                writer.add_scalar(f"losses/{k}", float(v), global_step)
+                writer.add_scalar(k, float(v), global_step)
             writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
             bar.update(args.log_freq)
 

@@ -69,4 +69,16 @@ def test_sac_update_moves_targets_by_tau_and_learns():
         torch.testing.assert_close(t1, t0 + 0.25 * (p - t0))  # θ' ← θ' + τ(θ − θ'), with θ already updated
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
     assert log_alpha.item() != 0.0 and all(p.requires_grad for p in qf.parameters())
-    assert all(torch.isfinite(v) for v in info.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in info.values())
+
+
+def test_fixed_alpha_without_autotune():
+    torch.manual_seed(0)
+    args = types.SimpleNamespace(autotune=False, alpha=0.2, gamma=0.99, tau=0.005, target_entropy=-1.0)
+    actor, qf, qf_target = mopo.Actor(3, 1, -torch.ones(1), torch.ones(1)), mopo.TwinQ(3, 1), mopo.TwinQ(3, 1)
+    log_alpha = torch.zeros((), requires_grad=True)
+    opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
+            torch.optim.Adam([log_alpha], 3e-4)]
+    batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.ones(32))
+    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
+    assert info["losses/alpha"] == 0.2 and "losses/alpha_loss" not in info and log_alpha.item() == 0.0
