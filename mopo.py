@@ -56,11 +56,14 @@ D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random da
     configs; the rest (expert, full-replay, ant) are ours, see TASK_DEFAULTS.
 """
 
+import http.client
 import json
 import math
 import os
 import random
+import signal
 import time
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass
@@ -90,6 +93,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, CUDA is used when available"""
+    device: Optional[str] = None
+    """a torch device to require, e.g. `cuda`, `cuda:1`, `cpu` (overrides --cuda; an error if unavailable)"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases"""
     wandb_project_name: str = "mopo"
@@ -98,6 +103,10 @@ class Args:
     """the entity (team) of the wandb project"""
     save_model: bool = False
     """if toggled, save actor and critics to `runs/{run_name}/model.pt` (the dynamics are always saved)"""
+    checkpoint_freq: int = 10
+    """write `runs/{run_name}/checkpoint.pt` every this many epochs (and on SIGTERM)"""
+    resume: Optional[str] = None
+    """continue a run from its folder or checkpoint file; all other settings come from the checkpoint"""
 
     # data
     env_id: str = "hopper-medium-v2"
@@ -120,6 +129,8 @@ class Args:
     """held-out transitions for early stopping (at most 20% of the data)"""
     dynamics_max_epochs: Optional[int] = None
     """cap on dynamics training epochs (default: until early stopping)"""
+    dynamics_path: Optional[str] = None
+    """reuse a trained ensemble (a run folder or its dynamics.pt) instead of training one"""
 
     # MOPO (Alg. 2)
     lam: Optional[float] = None
@@ -159,7 +170,7 @@ class Args:
 
     # schedule and evaluation
     epochs: int = 1000
-    """training epochs"""
+    """training epochs (0: only train and save the dynamics ensemble)"""
     steps_per_epoch: int = 1000
     """gradient updates per epoch"""
     eval_freq: int = 1
@@ -182,14 +193,28 @@ def check_args(args: Args) -> None:
         (args.dynamics_max_epochs is None or args.dynamics_max_epochs >= 1, "--dynamics-max-epochs must be >= 1"),
         (0.0 <= args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma must be in [0, 1] and --tau in (0, 1]"),
         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
+        (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
     ]
     for name in ("batch_size", "dynamics_batch_size", "rollout_batch_size", "rollout_freq", "model_retain_epochs",
-                 "epochs", "steps_per_epoch", "eval_freq", "eval_episodes", "log_freq", "holdout_size",
-                 "dynamics_hidden_dim"):
+                 "steps_per_epoch", "eval_freq", "eval_episodes", "log_freq", "holdout_size", "dynamics_hidden_dim",
+                 "checkpoint_freq"):
         rules.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"))
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
+
+
+def pick_device(args: Args) -> torch.device:
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device; run with --device cpu "
+                         f"or install a CUDA build of torch")
+    return device
 
 
 # === 2. Data: D4RL tasks, download and cache, replay buffers ===
@@ -248,22 +273,52 @@ def d4rl_cache_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
 
 
-def download(url: str, path: Path) -> None:
-    """Fetch url to path through a `.part` file, renamed only once complete."""
+def check_hdf5(path: Path) -> None:
+    """Cheap structural check of a D4RL-layout file: it opens, has the required keys, and they have one length."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in REQUIRED_KEYS if k not in f]
+            lengths = {k: f[k].shape[0] if f[k].ndim else 0 for k in REQUIRED_KEYS if k in f}
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable hdf5 file ({e})") from e
+    if missing:
+        raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}")
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: keys have different lengths {lengths}; every key needs one row per transition")
+
+
+def download(url: str, path: Path, attempts: int = 3) -> None:
+    """Fetch url into `path.part` (resuming it where the server honours Range), check it, then rename to path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
+    for attempt in range(1, attempts + 1):
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.getcode() != 206:  # the server sent the whole file: start over
+                    have = 0
+                size = int(response.headers.get("Content-Length") or 0)
+                total = have + size if size else None
+                with open(part, "ab" if have else "wb") as f, tqdm(initial=have, total=total, unit="B",
+                                                                   unit_scale=True, desc=f"download {path.name}") as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and part.stat().st_size < total:
+                raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
+            break
+        except (OSError, http.client.HTTPException) as e:
+            if attempt == attempts or isinstance(e, urllib.error.HTTPError):
+                raise RuntimeError(f"could not download {url} to {path} ({e!r}); the partial file {part} resumes on "
+                                   f"the next run, or fetch the file by hand and place it at {path}, or pass "
+                                   f"--dataset-path") from e
+            print(f"download interrupted ({e!r}); resuming ({attempt}/{attempts - 1})")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if total is not None and part.stat().st_size != total:
-            raise OSError(f"got {part.stat().st_size} of {total} bytes")
-    except OSError as e:
-        raise RuntimeError(f"could not download {url} to {path} ({e}); fetch the file by hand and place it there, "
-                           f"or pass --dataset-path") from e
+        check_hdf5(part)
+    except ValueError as e:
+        part.unlink()
+        raise RuntimeError(f"downloaded {url}, but it is not a valid D4RL file ({e}); deleted it, run again") from e
     part.replace(path)
 
 
@@ -271,18 +326,12 @@ def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
     """Read a D4RL-layout hdf5 and check it against the env: a dict of float32 arrays (D12)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist; check --dataset-path")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path} is not a readable hdf5 file ({e}); delete it and download again") from e
-    with f:
-        missing = [k for k in REQUIRED_KEYS if k not in f]
-        if missing:
-            raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}")
+    check_hdf5(path)
+    with h5py.File(path, "r") as f:
         data = {k: np.asarray(f[k][()], dtype=np.float32) for k in REQUIRED_KEYS}
-    data["rewards"] = data["rewards"].reshape(len(data["rewards"]), -1).squeeze(-1)
-    data["terminals"] = data["terminals"].reshape(len(data["terminals"]), -1).squeeze(-1)
     n = len(data["observations"])
+    data["rewards"] = data["rewards"].reshape(n, -1).squeeze(-1)
+    data["terminals"] = data["terminals"].reshape(n, -1).squeeze(-1)
     expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "actions": (n, act_dim),
                 "rewards": (n,), "terminals": (n,)}
     for key, shape in expected.items():
@@ -302,6 +351,11 @@ def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: 
     path = d4rl_cache_dir() / task.file_name
     if not path.exists():
         download(D4RL_URL.format(file=task.file_name), path)
+    try:
+        check_hdf5(path)
+    except ValueError as e:  # never train on a damaged cache entry
+        raise ValueError(f"cached D4RL file is damaged ({e}); delete it with `rm {path}` and run again to "
+                         f"re-download, or place a good copy there") from e
     return load_dataset(path, obs_dim, act_dim)
 
 
@@ -490,9 +544,11 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         for p, s in zip(member_params, snapshot):
             s[improved] = p.detach()[improved]
         epochs_since_update = 0 if improved.any() else epochs_since_update + 1
+        scalars = {"dynamics/train_loss": torch.stack(losses).mean().item(), "dynamics/holdout_mse": mse.mean().item()}
+        check_finite(scalars, f"dynamics epoch {epoch}", None)
         if writer is not None:
-            writer.add_scalar("dynamics/train_loss", torch.stack(losses).mean().item(), epoch)
-            writer.add_scalar("dynamics/holdout_mse", mse.mean().item(), epoch)
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, epoch)
         bar.update()
         bar.set_postfix(holdout_mse=f"{mse.mean().item():.4g}")
         if epochs_since_update > 5 or epoch == args.dynamics_max_epochs:
@@ -669,14 +725,61 @@ def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int) -> np.ndarray:
     return returns
 
 
-# === 8. main: load → train the model → {rollout, SAC update, evaluate, log} → save ===
-def write_json(path: Path, obj) -> None:
+# === 8. main: load → train the model → {rollout, SAC update, evaluate, log, checkpoint} → save ===
+def atomic_save(path: Path, obj) -> None:
+    """Write a temp file, then rename: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
     tmp.replace(path)
 
 
+def check_finite(scalars: dict, where: str, last_checkpoint: Optional[Path]) -> None:
+    """Stop at the first NaN/inf loss or penalty instead of training a silent NaN policy."""
+    for name, value in scalars.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite {name} ({value}) at {where}; stopping. Last checkpoint: "
+                                     f"{last_checkpoint or 'none'}")
+
+
+def dynamics_config(args: Args, obs_dim: int, act_dim: int) -> dict:
+    return {"obs_dim": obs_dim, "act_dim": act_dim, "num_ensemble": args.num_ensemble, "num_elites": args.num_elites,
+            "dynamics_hidden_dim": args.dynamics_hidden_dim}
+
+
+def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str) -> dict:
+    """Load a saved ensemble after checking it fits this dataset and these flags; returns its training stats."""
+    file = Path(path) / "dynamics.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--dynamics-path {path}: no such file; pass a run folder or its dynamics.pt")
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    wrong = [f"{k} {saved['config'].get(k)} in the file vs {v} here" for k, v in config.items()
+             if saved["config"].get(k) != v]
+    if wrong:
+        raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
+                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim) or train a new one")
+    if saved["env_id"] != env_id:
+        print(f"note: {file} was trained on {saved['env_id']}, this run is {env_id}")
+    model.load_state_dict(saved["state_dict"])
+    return saved["stats"]
+
+
 def main(args: Args) -> dict:
+    ckpt = None
+    if args.resume is not None:  # a resumed run keeps every setting it started with
+        ckpt_path = Path(args.resume) / "checkpoint.pt" if Path(args.resume).is_dir() else Path(args.resume)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there; pass a run folder or its "
+                                    f"checkpoint.pt")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved, defaults = Args(**ckpt["args"]), Args()
+        ignored = [k for k, v in asdict(args).items()
+                   if k != "resume" and v != getattr(defaults, k) and v != getattr(saved, k)]
+        if ignored:
+            print(f"--resume: ignoring {ignored}; a resumed run keeps the settings it started with")
+        args = Args(**{**ckpt["args"], "resume": args.resume})
     check_args(args)
     task = make_task(args.env_id)
     default_h, default_lam = TASK_DEFAULTS[(task.family, task.dataset)]
@@ -689,33 +792,52 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = pick_device(args)
 
     env = make_env(task)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     data = get_dataset(task, args.dataset_path, obs_dim, act_dim)
     n = len(data["observations"])
+    fingerprint = [n, float(data["rewards"].sum(dtype=np.float64))]
+    if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
+        raise ValueError(f"the dataset changed since the checkpoint ({ckpt['data_fingerprint']} vs {fingerprint} as "
+                         f"[rows, reward sum]); resume needs the same data")
     real = ReplayBuffer(n, obs_dim, act_dim, device)
     real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
                        ("observations", "actions", "rewards", "next_observations", "terminals"))))
     print(f"dataset: {n} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=False)  # never write into another run's folder
+    if ckpt is None:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path("runs") / run_name
+        run_dir.mkdir(parents=True, exist_ok=False)  # never write into another run's folder
+    else:
+        run_dir = ckpt_path.parent
+        run_name = run_dir.name
+    ckpt_file = run_dir / "checkpoint.pt"
+    start_step = ckpt["step"] if ckpt is not None else 0
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
+                   config=vars(args), name=run_name, id=run_name.replace("/", "-"), resume="allow", save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=start_step if ckpt is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    # Model learning (Alg. 2, line 1)
+    # Model learning (Alg. 2, line 1); independent of λ, h and SAC, so it can be trained once and reused
     dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim)
     dynamics.to(device)
-    dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer)
-    torch.save(dynamics.state_dict(), run_dir / "dynamics.pt")
+    config = dynamics_config(args, obs_dim, act_dim)
+    if ckpt is not None:
+        dynamics.load_state_dict(ckpt["dynamics"])
+        dyn_stats = ckpt["results"]["dynamics"]
+    else:
+        if args.dynamics_path is not None:
+            dyn_stats = load_dynamics(args.dynamics_path, dynamics, config, args.env_id)
+        else:
+            dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer)
+        atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": config,
+                                              "env_id": args.env_id, "stats": dyn_stats})
     print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
           f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
 
@@ -733,61 +855,106 @@ def main(args: Args) -> dict:
     model_buffer = ReplayBuffer(model_rows, obs_dim, act_dim, device)
     termination_fn = TERMINATION_FNS[task.family]
     eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
+    stateful = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": q_opt,
+                "actor_opt": actor_opt, "alpha_opt": alpha_opt}
 
-    results = {"env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_name,
-               "dynamics": dyn_stats, "evaluations": [], "args": asdict(args)}
+    def save_checkpoint(step: int) -> None:  # everything the loop needs to continue bit for bit
+        atomic_save(ckpt_file, {
+            "step": step, "args": asdict(args), "results": results, "data_fingerprint": fingerprint,
+            **{k: v.state_dict() for k, v in stateful.items()}, "log_alpha": log_alpha.detach(),
+            "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
+
+    if ckpt is None:
+        results = {"env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_name,
+                   "dynamics": dyn_stats, "final_return": None, "final_return_std": None,
+                   "final_normalized_score": None, "final_normalized_score_std": None, "evaluations": [],
+                   "args": asdict(args)}
+        save_checkpoint(0)
+    else:
+        results = ckpt["results"]
+        for k, v in stateful.items():
+            v.load_state_dict(ckpt[k])
+        with torch.no_grad():
+            log_alpha.copy_(ckpt["log_alpha"])
+        rows, model_buffer.ptr, model_buffer.size = ckpt["model_buffer"]
+        model_buffer.data[: len(rows)] = rows.to(device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        print(f"resumed {run_dir} at update {start_step}")
+
+    sigterm = []  # cluster schedulers send SIGTERM before they kill: checkpoint, then exit
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
     total_updates = args.epochs * args.steps_per_epoch
     start_time = time.time()
-    bar = tqdm(total=total_updates, desc="MOPO", unit="upd")
-    for step in range(total_updates):
-        global_step = step + 1
-        if step % args.rollout_freq == 0 and args.real_ratio < 1.0:  # D10: no model data needed at real_ratio 1
-            start_obs = real.split(real.sample(args.rollout_batch_size))[0]
-            rows, stats = rollout(actor, dynamics, start_obs, h, lam, args.penalty, termination_fn)
-            model_buffer.add(rows)
-            for k, v in stats.items():
-                writer.add_scalar(f"rollout/{k}", v.item(), global_step)
-            writer.add_scalar("rollout/transitions", len(rows), global_step)
-            writer.add_scalar("rollout/model_buffer_size", model_buffer.size, global_step)
+    bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd")
+    try:
+        for step in range(start_step, total_updates):
+            global_step = step + 1
+            if step % args.rollout_freq == 0 and args.real_ratio < 1.0:  # D10: no model data needed at real_ratio 1
+                start_obs = real.split(real.sample(args.rollout_batch_size))[0]
+                rows, stats = rollout(actor, dynamics, start_obs, h, lam, args.penalty, termination_fn)
+                model_buffer.add(rows)
+                stats = {f"rollout/{k}": v.item() for k, v in stats.items()}
+                check_finite(stats, f"update {global_step}", ckpt_file)
+                stats.update({"rollout/transitions": len(rows), "rollout/model_buffer_size": model_buffer.size})
+                for k, v in stats.items():
+                    writer.add_scalar(k, v, global_step)
 
-        batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
-        info = sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args)
+            batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
+            info = sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args)
 
-        if global_step % args.log_freq == 0:
-            for k, v in info.items():
-                writer.add_scalar(k, float(v), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-            bar.update(args.log_freq)
+            epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
+            checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(sigterm)
+            if global_step % args.log_freq == 0 or checkpoint_now:
+                scalars = {k: float(v) for k, v in info.items()}  # the only host sync of the update loop
+                check_finite(scalars, f"update {global_step}", ckpt_file)
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, global_step)
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
+                bar.update(global_step - bar.n)
 
-        epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
-        if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-            returns = evaluate(actor, eval_envs, seed=args.seed + global_step)
-            scores = normalized_score(task, returns)
-            entry = {"step": global_step, "epoch": epoch, "return": float(returns.mean()),
-                     "return_std": float(returns.std())}
-            writer.add_scalar("eval/return_mean", entry["return"], global_step)
-            writer.add_scalar("eval/return_std", entry["return_std"], global_step)
-            line = f"epoch {epoch} step {global_step}: return {entry['return']:.1f} ± {entry['return_std']:.1f}"
-            if scores is not None:
-                entry["normalized_score"], entry["normalized_score_std"] = float(scores.mean()), float(scores.std())
-                writer.add_scalar("eval/normalized_score_mean", entry["normalized_score"], global_step)
-                writer.add_scalar("eval/normalized_score_std", entry["normalized_score_std"], global_step)
-                line += f", normalized {entry['normalized_score']:.1f} ± {entry['normalized_score_std']:.1f}"
-                bar.set_postfix(score=f"{entry['normalized_score']:.1f}")
-            tqdm.write(line)
-            results["evaluations"].append(entry)
-            results.update(final_return=entry["return"], final_return_std=entry["return_std"],
-                           final_normalized_score=entry.get("normalized_score"),
-                           final_normalized_score_std=entry.get("normalized_score_std"))
-            write_json(run_dir / "results.json", results)
+            if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
+                returns = evaluate(actor, eval_envs, seed=args.seed + global_step)
+                scores = normalized_score(task, returns)
+                entry = {"step": global_step, "epoch": epoch, "return": float(returns.mean()),
+                         "return_std": float(returns.std())}
+                writer.add_scalar("eval/return_mean", entry["return"], global_step)
+                writer.add_scalar("eval/return_std", entry["return_std"], global_step)
+                line = f"epoch {epoch} step {global_step}: return {entry['return']:.1f} ± {entry['return_std']:.1f}"
+                if scores is not None:
+                    entry["normalized_score"], entry["normalized_score_std"] = float(scores.mean()), float(scores.std())
+                    writer.add_scalar("eval/normalized_score_mean", entry["normalized_score"], global_step)
+                    writer.add_scalar("eval/normalized_score_std", entry["normalized_score_std"], global_step)
+                    line += f", normalized {entry['normalized_score']:.1f} ± {entry['normalized_score_std']:.1f}"
+                    bar.set_postfix(score=f"{entry['normalized_score']:.1f}")
+                tqdm.write(line)
+                results["evaluations"].append(entry)
+                results.update(final_return=entry["return"], final_return_std=entry["return_std"],
+                               final_normalized_score=entry.get("normalized_score"),
+                               final_normalized_score_std=entry.get("normalized_score_std"))
+                atomic_save(run_dir / "results.json", results)
+            if checkpoint_now:
+                save_checkpoint(global_step)
+            if sigterm:
+                writer.close()
+                print(f"SIGTERM: checkpoint at update {global_step} in {ckpt_file}; continue with --resume {run_dir}")
+                raise SystemExit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     bar.update(total_updates - bar.n)
     bar.close()
 
     if args.save_model:
-        torch.save({"dynamics": dynamics.state_dict(), "actor": actor.state_dict(), "qf": qf.state_dict(),
-                    "qf_target": qf_target.state_dict(), "log_alpha": log_alpha.detach()}, run_dir / "model.pt")
-    results["wall_time_s"] = time.time() - start_time
-    write_json(run_dir / "results.json", results)
+        atomic_save(run_dir / "model.pt", {k: v.state_dict() for k, v in stateful.items() if "opt" not in k}
+                    | {"log_alpha": log_alpha.detach()})
+    save_checkpoint(total_updates)
+    atomic_save(run_dir / "results.json", results)
+    print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
     eval_envs.close()
     env.close()
     writer.close()

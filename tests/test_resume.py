@@ -1,0 +1,163 @@
+"""Checkpoint and resume (SIGKILL and SIGTERM), dynamics reuse, and the NaN guard."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mopo
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--env-id", "hopper-medium-v2", "--lam", "1.0", "--seed", "7", "--epochs", "4", "--steps-per-epoch", "150",
+       "--rollout-freq", "50", "--rollout-batch-size", "200", "--eval-episodes", "2", "--dynamics-max-epochs", "3",
+       "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--torch-deterministic"]
+
+
+def start(cwd, dataset, *extra):
+    cmd = [sys.executable, str(ROOT / "mopo.py"), "--dataset-path", str(dataset), *RUN, *extra]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_dir_of(cwd):
+    (run_dir,) = (Path(cwd) / "runs").iterdir()
+    return run_dir
+
+
+def comparable(results):
+    return {k: v for k, v in results.items() if k != "run_name"}  # the folder name carries the start time
+
+
+@pytest.fixture(scope="module")
+def reference(hopper_file, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    proc = start(cwd, hopper_file)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((run_dir_of(cwd) / "results.json").read_text()), run_dir_of(cwd)
+
+
+def interrupt_after_first_evaluation(proc, cwd, sig):
+    """Wait for the epoch-1 evaluation (and its checkpoint), then signal the run while it trains epoch 2."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        results = list(Path(cwd).glob("runs/*/results.json"))
+        if results and json.loads(results[0].read_text())["evaluations"]:
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)[0]
+
+
+def resume(cwd, *flags):
+    cmd = [sys.executable, str(ROOT / "mopo.py"), "--resume", str(run_dir_of(cwd)), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(reference, hopper_file, tmp_path):
+    proc = start(tmp_path, hopper_file)
+    interrupt_after_first_evaluation(proc, tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    partial = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
+    assert 1 <= len(partial["evaluations"]) < 4  # killed mid-run
+    out = resume(tmp_path, "--epochs", "99")
+    assert "resumed" in out and "ignoring ['epochs']" in out
+    results = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
+    assert comparable(results) == comparable(reference[0])
+    assert math.isfinite(results["final_normalized_score"])
+
+
+def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file, tmp_path):
+    proc = start(tmp_path, hopper_file)
+    out = interrupt_after_first_evaluation(proc, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM: checkpoint at update" in out
+    step = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", weights_only=False)["step"]
+    assert 150 < step < 600 and step % 150 != 0  # written mid-epoch, at the update it stopped on
+    resume(tmp_path)
+    results = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
+    assert comparable(results) == comparable(reference[0])
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        mopo.main(mopo.Args(resume=str(tmp_path)))
+
+
+def tiny_args(dataset, **overrides):
+    flags = dict(zip(RUN[::2], RUN[1::2]))
+    kwargs = {k.lstrip("-").replace("-", "_"): float(v) if "." in v else int(v) for k, v in flags.items()
+              if k not in ("--env-id", "--torch-deterministic")}
+    return mopo.Args(**{**kwargs, "epochs": 1, "dataset_path": str(dataset), **overrides})
+
+
+def test_reusing_a_trained_dynamics_model(reference, hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mopo, "train_dynamics", None)  # a run given --dynamics-path must not train a model
+    results = mopo.main(tiny_args(hopper_file, dynamics_path=str(reference[1]), lam=0.0, rollout_length=2))
+    assert results["dynamics"] == reference[0]["dynamics"]
+    saved = torch.load(reference[1] / "dynamics.pt", weights_only=True)["state_dict"]
+    copied = torch.load(run_dir_of(tmp_path) / "dynamics.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], copied[k]) for k in saved)  # every run folder holds its ensemble
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"num_ensemble": 5, "num_elites": 3}, "num_ensemble 7 in the file vs 5 here; num_elites 5 in the file vs 3"),
+    ({"dynamics_hidden_dim": 64}, "dynamics_hidden_dim 200 in the file vs 64 here"),
+])
+def test_dynamics_model_mismatch_is_a_clear_error(reference, hopper_file, tmp_path, monkeypatch, override, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        mopo.main(tiny_args(hopper_file, dynamics_path=str(reference[1]), **override))
+
+
+def test_dynamics_model_for_other_dims_is_refused(reference):
+    model = mopo.EnsembleDynamics(17, 6)
+    config = {"obs_dim": 17, "act_dim": 6, "num_ensemble": 7, "num_elites": 5, "dynamics_hidden_dim": 200}
+    with pytest.raises(ValueError, match="obs_dim 11 in the file vs 17 here; act_dim 3 in the file vs 6 here"):
+        mopo.load_dynamics(str(reference[1] / "dynamics.pt"), model, config, "walker2d-medium-v2")
+    with pytest.raises(FileNotFoundError, match="--dynamics-path"):
+        mopo.load_dynamics(str(reference[1] / "nope.pt"), model, config, "walker2d-medium-v2")
+
+
+def nan_after(n_calls, real):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > n_calls:
+            out = {**out, "losses/q_loss": torch.tensor(float("nan"))}
+        return out
+    return wrapped
+
+
+def test_nan_loss_stops_the_run_naming_step_loss_and_checkpoint(hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mopo, "sac_update", nan_after(60, mopo.sac_update))
+    with pytest.raises(FloatingPointError, match=r"non-finite losses/q_loss \(nan\) at update 75; .*checkpoint.pt"):
+        mopo.main(tiny_args(hopper_file, epochs=2))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's SIGTERM handler is gone
+
+
+def test_nan_penalty_stops_the_run(hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mopo, "penalty", lambda mean, logvar, kind: torch.full(mean.shape[1:2], float("nan")))
+    with pytest.raises(FloatingPointError, match=r"non-finite rollout/penalty_mean \(nan\) at update 1"):
+        mopo.main(tiny_args(hopper_file))
+
+
+def test_nan_dynamics_loss_stops_before_policy_learning(hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mopo, "gaussian_nll", lambda mean, logvar, target: torch.full(mean.shape[:1], float("inf")))
+    with pytest.raises(FloatingPointError, match=r"non-finite dynamics/train_loss \(inf\) at dynamics epoch 1"):
+        mopo.main(tiny_args(hopper_file))
