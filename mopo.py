@@ -262,7 +262,7 @@ def make_task(env_id: str) -> Task:
     family, _, rest = env_id.partition("-")
     dataset = rest[: -len("-v2")] if rest.endswith("-v2") else None
     if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
-        valid = ", ".join(f"{f}-{d}-v2" for f in D4RL_FAMILIES for d in D4RL_DATASETS)
+        valid = f"{{{','.join(D4RL_FAMILIES)}}}-{{{','.join(D4RL_DATASETS)}}}-v2"
         raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}")
     gym_id, gym_kwargs, ref_min, ref_max = D4RL_FAMILIES[family]
     file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's own name, so its cache is reused
@@ -310,7 +310,7 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
             break
         except (OSError, http.client.HTTPException) as e:
             if attempt == attempts or isinstance(e, urllib.error.HTTPError):
-                raise RuntimeError(f"could not download {url} to {path} ({e!r}); the partial file {part} resumes on "
+                raise ConnectionError(f"could not download {url} to {path} ({e!r}); the partial file {part} resumes on "
                                    f"the next run, or fetch the file by hand and place it at {path}, or pass "
                                    f"--dataset-path") from e
             print(f"download interrupted ({e!r}); resuming ({attempt}/{attempts - 1})")
@@ -318,7 +318,7 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
         check_hdf5(part)
     except ValueError as e:
         part.unlink()
-        raise RuntimeError(f"downloaded {url}, but it is not a valid D4RL file ({e}); deleted it, run again") from e
+        raise ValueError(f"downloaded {url}, but it is not a valid D4RL file ({e}); deleted it, run again") from e
     part.replace(path)
 
 
@@ -966,4 +966,7 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, data or numbers: one line, no traceback
+        raise SystemExit(f"error: {e}")

@@ -39,7 +39,7 @@ def test_d4rl_file_names_and_urls():
 
 @pytest.mark.parametrize("env_id", ["hopper-medium-v0", "humanoid-medium-v2", "hopper-mediocre-v2", "Hopper-v4", ""])
 def test_unknown_env_id_lists_valid_ids(env_id):
-    with pytest.raises(ValueError, match="unknown --env-id.*hopper-medium-replay-v2"):
+    with pytest.raises(ValueError, match="unknown --env-id.*{hopper,halfcheetah,walker2d,ant}-{random,medium,medium-replay"):
         mopo.make_task(env_id)
 
 
@@ -84,7 +84,7 @@ def test_get_dataset_downloads_into_the_d4rl_cache_then_reuses_it(hopper_file, t
 def test_network_error_names_url_and_cache_path(tmp_path, http_server):
     _, url = http_server
     dest = tmp_path / "walker2d_medium-v2.hdf5"
-    with pytest.raises(RuntimeError, match=f"could not download .*missing.hdf5 to {dest}.*by hand"):
+    with pytest.raises(ConnectionError, match=f"could not download .*missing.hdf5 to {dest}.*by hand"):
         mopo.download(url.format(file="missing.hdf5"), dest)
     assert not dest.exists()
 
@@ -119,14 +119,3 @@ def test_nan_in_data_is_a_clear_error(tmp_path, hopper_file):
         f["rewards"][5] = np.nan
     with pytest.raises(ValueError, match="rewards holds NaN or inf"):
         mopo.load_dataset(path, 11, 3)
-
-
-@pytest.mark.parametrize("flag, value, message", [
-    ("lam", -1.0, "--lam must be >= 0"), ("rollout_length", 0, "--rollout-length must be >= 1"),
-    ("real_ratio", 1.5, r"--real-ratio must be in \[0, 1\]"), ("num_elites", 9, "--num-elites must be in"),
-    ("batch_size", 0, "--batch-size must be >= 1"), ("rollout_batch_size", 0, "--rollout-batch-size must be >= 1"),
-])
-def test_bad_flags_fail_before_anything_runs(flag, value, message):
-    args = mopo.Args(**{flag: value})
-    with pytest.raises(ValueError, match=message):
-        mopo.main(args)

@@ -1,0 +1,103 @@
+"""Bad input: one clear error per row, raised before any training (no run folder is even created)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mopo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rewrite(src, dst, change):
+    """Copy a D4RL-layout file, letting change(dict of arrays) edit it."""
+    with h5py.File(src) as f:
+        data = {k: f[k][()] for k in f}
+    change(data)
+    with h5py.File(dst, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    return dst
+
+
+def drop(key):
+    return lambda d: d.pop(key)
+
+
+def nan_in(key, value=np.nan):
+    def change(d):
+        d[key] = d[key].astype(np.float32)
+        d[key][3] = value
+    return change
+
+
+DATA_ROWS = {  # name: (edit of the tiny hopper file, env id, error, message)
+    "missing key": (drop("rewards"), "hopper-medium-v2", ValueError, r"lacks key\(s\) \['rewards'\]"),
+    "mismatched lengths": (lambda d: d.update(actions=d["actions"][:-5]), "hopper-medium-v2", ValueError,
+                           "keys have different lengths"),
+    "obs dim of another env": (None, "walker2d-medium-v2", ValueError,
+                               r"observations has shape \(2000, 11\), expected \(2000, 17\)"),
+    "action dim": (lambda d: d.update(actions=d["actions"][:, :2]), "hopper-medium-v2", ValueError,
+                   r"actions has shape \(2000, 2\), expected \(2000, 3\)"),
+    "NaN": (nan_in("observations"), "hopper-medium-v2", ValueError, "observations holds NaN or inf"),
+    "inf": (nan_in("rewards", np.inf), "hopper-medium-v2", ValueError, "rewards holds NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("row", list(DATA_ROWS))
+def test_bad_dataset(row, hopper_file, tmp_path, monkeypatch):
+    change, env_id, error, message = DATA_ROWS[row]
+    path = rewrite(hopper_file, tmp_path / "edited.hdf5", change) if change else hopper_file
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        mopo.main(mopo.Args(env_id=env_id, dataset_path=str(path)))
+    assert not (tmp_path / "runs").exists()
+
+
+FLAG_ROWS = [
+    ({"env_id": "hopper-medium-v9"}, ValueError, "unknown --env-id 'hopper-medium-v9'; valid D4RL ids: {hopper,halfcheetah,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2"),
+    ({"dataset_path": "/nonexistent/file.hdf5"}, FileNotFoundError, "does not exist; check --dataset-path"),
+    ({"lam": -0.5}, ValueError, "--lam must be >= 0, got -0.5"),
+    ({"rollout_length": 0}, ValueError, "--rollout-length must be >= 1, got 0"),
+    ({"real_ratio": -0.1}, ValueError, r"--real-ratio must be in \[0, 1\], got -0.1"),
+    ({"real_ratio": 1.5}, ValueError, r"--real-ratio must be in \[0, 1\], got 1.5"),
+    ({"num_elites": 8}, ValueError, r"--num-elites must be in \[1, --num-ensemble=7\], got 8"),
+    ({"batch_size": 0}, ValueError, "--batch-size must be >= 1, got 0"),
+    ({"dynamics_batch_size": 0}, ValueError, "--dynamics-batch-size must be >= 1, got 0"),
+    ({"rollout_batch_size": -3}, ValueError, "--rollout-batch-size must be >= 1, got -3"),
+    ({"epochs": -1}, ValueError, "--epochs must be >= 0, got -1"),
+    ({"device": "gpu0"}, ValueError, "--device 'gpu0' is not a torch device"),
+]
+
+
+@pytest.mark.parametrize("flags, error, message", FLAG_ROWS)
+def test_bad_flag(flags, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        mopo.main(mopo.Args(**flags))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_not_hdf5(tmp_path, monkeypatch):
+    (tmp_path / "data.hdf5").write_text("a,b,c\n1,2,3\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is not a readable hdf5 file"):
+        mopo.main(mopo.Args(dataset_path=str(tmp_path / "data.hdf5")))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_forced_cuda_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--device cuda asked for CUDA, but torch sees no CUDA device"):
+        mopo.main(mopo.Args(device="cuda"))
+
+
+def test_cli_prints_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--lam", "-1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: --lam must be >= 0, got -1.0"
