@@ -17,7 +17,7 @@ D2  Dynamics: 7 members, 4 hidden layers × 200 swish, a mean head and a separat
     last hidden layer (authors' D4RL configs, `separate_mean_var`); weights truncated-normal, std 1/(2√fan_in),
     biases zero (authors' FC layer).
 D3  Log-variance soft bounds: learnable max (init 0.5) and min (init −10) shared by the members,
-    lv = max − softplus(max − lv), lv = min + softplus(lv − min), loss += 0.01·Σmax − 0.01·Σmin (authors' code).
+    lv = max − softplus(max − lv), lv = min + softplus(lv − min), loss += 0.01·Σmax − 0.01·Σmin (authors').
 D4  Model loss: per member, mean over batch and dims of (μ − y)²·e^{−lv} + lv; summed over members; plus the L2
     term 0.5·wd·Σw² with wd = 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 for the hidden layers and 1e-4 for each head.
 D5  Model training: holdout min(20%, 1000) transitions; each member trains on its own bootstrap of the rest; Adam
@@ -110,7 +110,7 @@ class Args:
 
     # data
     env_id: str = "hopper-medium-v2"
-    """D4RL task id, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2"""
+    """D4RL task: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2"""
     dataset_path: Optional[str] = None
     """a local hdf5 in D4RL layout used instead of the D4RL download; `--env-id` still names the task"""
 
@@ -185,7 +185,8 @@ def check_args(args: Args) -> None:
     """One clear line per bad flag, before anything is loaded or trained."""
     rules = [
         (args.lam is None or args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
-        (args.rollout_length is None or args.rollout_length >= 1, f"--rollout-length must be >= 1, got {args.rollout_length}"),
+        (args.rollout_length is None or args.rollout_length >= 1,
+         f"--rollout-length must be >= 1, got {args.rollout_length}"),
         (0.0 <= args.real_ratio <= 1.0, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
         (args.num_ensemble >= 1, f"--num-ensemble must be >= 1, got {args.num_ensemble}"),
         (1 <= args.num_elites <= args.num_ensemble,
@@ -300,8 +301,8 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
                     have = 0
                 size = int(response.headers.get("Content-Length") or 0)
                 total = have + size if size else None
-                with open(part, "ab" if have else "wb") as f, tqdm(initial=have, total=total, unit="B",
-                                                                   unit_scale=True, desc=f"download {path.name}") as bar:
+                bar = tqdm(initial=have, total=total, unit="B", unit_scale=True, desc=f"download {path.name}")
+                with open(part, "ab" if have else "wb") as f, bar:
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -310,9 +311,9 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
             break
         except (OSError, http.client.HTTPException) as e:
             if attempt == attempts or isinstance(e, urllib.error.HTTPError):
-                raise ConnectionError(f"could not download {url} to {path} ({e!r}); the partial file {part} resumes on "
-                                   f"the next run, or fetch the file by hand and place it at {path}, or pass "
-                                   f"--dataset-path") from e
+                raise ConnectionError(f"could not download {url} to {path} ({e!r}); the partial file {part} "
+                                      f"resumes on the next run, or fetch the file by hand and place it at {path}, "
+                                      f"or pass --dataset-path") from e
             print(f"download interrupted ({e!r}); resuming ({attempt}/{attempts - 1})")
     try:
         check_hdf5(part)
@@ -658,7 +659,7 @@ class TwinQ(nn.Module):
 
 
 def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
-    """y = r + γ·(1 − done)·(min_j Q'_j(s', a') − α·log π(a'|s')); all [B]. A terminal transition has no future."""
+    """y = r + γ·(1 − done)·(min_j Q'_j(s', a') − α·log π(a'|s')), all [B]: a terminal transition has no future."""
     assert rew.shape == done.shape == next_q.shape == next_log_prob.shape and rew.dim() == 1
     return rew + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
 
@@ -822,7 +823,8 @@ def main(args: Args) -> dict:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, id=run_name.replace("/", "-"), resume="allow", save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=start_step if ckpt is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     # Model learning (Alg. 2, line 1); independent of λ, h and SAC, so it can be trained once and reused
     dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim)
@@ -915,7 +917,8 @@ def main(args: Args) -> dict:
                 check_finite(scalars, f"update {global_step}", ckpt_file)
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, global_step)
-                writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
                 bar.update(global_step - bar.n)
 
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):

@@ -161,3 +161,10 @@ def test_nan_dynamics_loss_stops_before_policy_learning(hopper_file, tmp_path, m
     monkeypatch.setattr(mopo, "gaussian_nll", lambda mean, logvar, target: torch.full(mean.shape[:1], float("inf")))
     with pytest.raises(FloatingPointError, match=r"non-finite dynamics/train_loss \(inf\) at dynamics epoch 1"):
         mopo.main(tiny_args(hopper_file))
+
+
+def test_epochs_zero_trains_and_saves_only_the_model(hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = mopo.main(tiny_args(hopper_file, epochs=0))
+    assert results["evaluations"] == [] and results["final_normalized_score"] is None
+    assert results["dynamics"]["epochs"] == 3 and (run_dir_of(tmp_path) / "dynamics.pt").is_file()
