@@ -53,7 +53,7 @@ D14 Evaluation in gymnasium's `-v4` MuJoCo envs (mujoco bindings) instead of gym
     and observation layout; Ant with `use_contact_forces=True` for D4RL's 111-dim observation. Deterministic
     actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
 D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random datasets from the authors' -v0
-    configs; the rest (expert, full-replay, ant) are ours, see TASK_DEFAULTS.
+    configs; the rest (expert, full-replay, ant, and gymnasium ids: h 5, λ 1) are ours, see TASK_DEFAULTS.
 """
 
 import http.client
@@ -110,7 +110,8 @@ class Args:
 
     # data
     env_id: str = "hopper-medium-v2"
-    """D4RL task: {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2"""
+    """D4RL task, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2,
+    or a gymnasium MuJoCo id such as InvertedPendulum-v4 (needs --dataset-path; results in raw returns)"""
     dataset_path: Optional[str] = None
     """a local hdf5 in D4RL layout used instead of the D4RL download; `--env-id` still names the task"""
 
@@ -262,9 +263,12 @@ class Task:
 def make_task(env_id: str) -> Task:
     family, _, rest = env_id.partition("-")
     dataset = rest[: -len("-v2")] if rest.endswith("-v2") else None
+    if env_id in gym.registry and family.lower() in TERMINATION_FNS:  # a task D4RL lacks: no reference scores
+        return Task(env_id, family.lower(), None, env_id, {}, None, None, None)
     if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
         valid = f"{{{','.join(D4RL_FAMILIES)}}}-{{{','.join(D4RL_DATASETS)}}}-v2"
-        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}")
+        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}; or, with --dataset-path, a "
+                         f"gymnasium id of {sorted(TERMINATION_FNS)}, e.g. Hopper-v4, InvertedPendulum-v4")
     gym_id, gym_kwargs, ref_min, ref_max = D4RL_FAMILIES[family]
     file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's own name, so its cache is reused
     return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name)
@@ -349,6 +353,8 @@ def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
 def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: int) -> dict:
     if dataset_path is not None:
         return load_dataset(Path(dataset_path), obs_dim, act_dim)
+    if task.file_name is None:
+        raise ValueError(f"--env-id {task.env_id} is not a D4RL task, so it needs --dataset-path")
     path = d4rl_cache_dir() / task.file_name
     if not path.exists():
         download(D4RL_URL.format(file=task.file_name), path)
@@ -418,8 +424,13 @@ def ant_done(obs, act, next_obs):
     return ~(torch.isfinite(next_obs).all(1) & (height >= 0.2) & (height <= 1.0))
 
 
+def invertedpendulum_done(obs, act, next_obs):  # the pole's angle leaves ±0.2 rad
+    return ~(torch.isfinite(next_obs).all(1) & (next_obs[:, 1].abs() <= 0.2))
+
+
 TERMINATION_FNS: dict[str, Callable] = {
     "hopper": hopper_done, "walker2d": walker2d_done, "halfcheetah": halfcheetah_done, "ant": ant_done,
+    "invertedpendulum": invertedpendulum_done,
 }
 
 
@@ -783,7 +794,7 @@ def main(args: Args) -> dict:
         args = Args(**{**ckpt["args"], "resume": args.resume})
     check_args(args)
     task = make_task(args.env_id)
-    default_h, default_lam = TASK_DEFAULTS[(task.family, task.dataset)]
+    default_h, default_lam = TASK_DEFAULTS.get((task.family, task.dataset), (5, 1.0))  # gymnasium tasks: D15
     h = args.rollout_length if args.rollout_length is not None else default_h
     lam = args.lam if args.lam is not None else default_lam
     print(f"{args.env_id}: h = {h} ({'--rollout-length' if args.rollout_length is not None else 'task default'}), "

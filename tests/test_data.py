@@ -37,7 +37,7 @@ def test_d4rl_file_names_and_urls():
     assert ant.gym_kwargs == {"use_contact_forces": True} and ant.file_name == "ant_medium_expert-v2.hdf5"
 
 
-@pytest.mark.parametrize("env_id", ["hopper-medium-v0", "humanoid-medium-v2", "hopper-mediocre-v2", "Hopper-v4", ""])
+@pytest.mark.parametrize("env_id", ["hopper-medium-v0", "humanoid-medium-v2", "hopper-mediocre-v2", "Humanoid-v4", "CartPole-v9", ""])
 def test_unknown_env_id_lists_valid_ids(env_id):
     with pytest.raises(ValueError, match="unknown --env-id.*{hopper,halfcheetah,walker2d,ant}-{random,medium,medium-replay"):
         mopo.make_task(env_id)

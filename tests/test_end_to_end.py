@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mopo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +50,21 @@ def test_main_in_process(hopper_file, tmp_path, monkeypatch):
     assert results == json.loads((run_dir / "results.json").read_text())
     assert results["lam"] == 2.5 and results["rollout_length"] == 5  # the published hopper-medium-replay setting
     assert not (run_dir / "model.pt").exists()
+
+
+def test_gymnasium_task_reports_raw_returns(tmp_path, monkeypatch):
+    """A task D4RL lacks (here InvertedPendulum-v4) runs from --dataset-path and reports returns, no normalized score."""
+    from conftest import make_d4rl_file
+    path = make_d4rl_file(tmp_path / "pendulum.hdf5", "InvertedPendulum-v4", num_steps=1500)
+    monkeypatch.chdir(tmp_path)
+    flags = {k.lstrip("-").replace("-", "_"): int(v) for k, v in zip(TINY[::2], TINY[1::2])}
+    results = mopo.main(mopo.Args(env_id="InvertedPendulum-v4", dataset_path=str(path), **flags))
+    assert results["final_normalized_score"] is None and "normalized_score" not in results["evaluations"][-1]
+    assert math.isfinite(results["final_return"]) and results["final_return"] >= 1  # at least one step alive
+    assert (results["lam"], results["rollout_length"]) == (1.0, 5)
+
+
+def test_gymnasium_task_needs_a_dataset_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="InvertedPendulum-v4 is not a D4RL task, so it needs --dataset-path"):
+        mopo.main(mopo.Args(env_id="InvertedPendulum-v4"))

@@ -9,7 +9,7 @@ import torch
 import mopo
 
 ENVS = {"hopper": ("Hopper-v4", {}), "walker2d": ("Walker2d-v4", {}), "halfcheetah": ("HalfCheetah-v4", {}),
-        "ant": ("Ant-v4", {"use_contact_forces": True})}
+        "ant": ("Ant-v4", {"use_contact_forces": True}), "invertedpendulum": ("InvertedPendulum-v4", {})}
 
 
 def visited_transitions(gym_id, kwargs, num_steps=1500, seed=0):
@@ -24,7 +24,7 @@ def visited_transitions(gym_id, kwargs, num_steps=1500, seed=0):
     for t in range(num_steps):
         if t % 3 == 0:  # jolt the body: heights and angles outside the healthy range
             base = env.unwrapped
-            qpos = base.data.qpos.copy() + rng.normal(0, 0.3, size=base.model.nq)
+            qpos = base.data.qpos.copy() + rng.normal(0, 0.3 if base.model.nq > 2 else 0.1, size=base.model.nq)
             qvel = np.clip(base.data.qvel.copy() + rng.normal(0, 1.0, size=base.model.nv), -9, 9)
             base.set_state(qpos, qvel)
             obs = base._get_obs()
