@@ -50,8 +50,10 @@ D13 SAC as softlearning (authors' code): 2×256 ReLU actor and critics, tanh-Gau
     Departures: critic, then actor, then α are stepped one after another on the same batch (CleanRL order; the TF
     graph computed all three from pre-update values), and layers use PyTorch's default init (Keras: Glorot).
 D14 Evaluation in gymnasium's `-v4` MuJoCo envs (mujoco bindings) instead of gym `-v2`/mujoco-py: same model files
-    and observation layout; Ant with `use_contact_forces=True` for D4RL's 111-dim observation. Deterministic
-    actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
+    and observation layout; Ant with `use_contact_forces=True` for D4RL's 111-dim observation. D4RL's ant data came
+    from MuJoCo 2.0, whose contact forces were always zero (D4RL issue #143); modern MuJoCo computes them, so the
+    ant eval env zeroes them and leaves their cost out of the reward, as in the data and the reference scores.
+    Deterministic actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
 D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random datasets from the authors' -v0
     configs; the rest (expert, full-replay, ant, and gymnasium ids: h 5, λ 1) are ours, see TASK_DEFAULTS.
 """
@@ -66,7 +68,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -258,20 +260,71 @@ class Task:
     ref_min: Optional[float]  # D4RL reference returns; None where none exist
     ref_max: Optional[float]
     file_name: Optional[str]  # D4RL's file name (None for a gymnasium task, which needs --dataset-path)
+    reward_fn: Optional[Callable] = None  # relabels every reward (the paper's out-of-distribution tasks)
+    zero_contact: bool = False  # D4RL ant: contact forces were all zero in the data (D14)
+    minari_id: Optional[str] = None
+
+
+def halfcheetah_jump_reward(obs, act, next_obs):
+    """Sec. 5.2: r = min(v_x, 3) − 0.1‖a‖² + 15·(z − z_init). HalfCheetah observes [qpos[1:] (8), qvel (9)]:
+    z = qpos[1] = next_obs[0], whose initial value init_qpos[1] is 0, and v_x = qvel[0] = next_obs[8] after the step
+    (the env's own Δx/dt needs x, which the observation lacks)."""
+    return np.minimum(next_obs[:, 8], 3.0) - 0.1 * np.square(act).sum(1) + 15.0 * next_obs[:, 0]
+
+
+def ant_angle_reward(obs, act, next_obs):
+    """Sec. 5.2: r = v_xy·(cos 30°, sin 30°) − 0.5‖a‖² − 5e-4‖clip(contact forces)‖² + 1. Ant observes [qpos[2:] (13),
+    qvel (14), contact forces clipped to ±1 (84)]: v_xy = qvel[:2] = next_obs[13:15] after the step."""
+    direction = np.array([math.cos(math.pi / 6), math.sin(math.pi / 6)])
+    return (next_obs[:, 13:15] @ direction - 0.5 * np.square(act).sum(1) - 5e-4 * np.square(next_obs[:, 27:]).sum(1)
+            + 1.0)
+
+
+OOD_TASKS = {"halfcheetah-jump": ("halfcheetah", halfcheetah_jump_reward), "ant-angle": ("ant", ant_angle_reward)}
 
 
 def make_task(env_id: str) -> Task:
+    if "/" in env_id:
+        return minari_task(env_id)
+    if env_id in OOD_TASKS:  # Sec. 5.2: SAC replay data of the ordinary task (D4RL full-replay), rewards relabelled
+        family, reward_fn = OOD_TASKS[env_id]
+        task = make_task(f"{family}-full-replay-v2")
+        return replace(task, env_id=env_id, ref_min=None, ref_max=None, reward_fn=reward_fn)
     family, _, rest = env_id.partition("-")
     dataset = rest[: -len("-v2")] if rest.endswith("-v2") else None
     if env_id in gym.registry and family.lower() in TERMINATION_FNS:  # a task D4RL lacks: no reference scores
         return Task(env_id, family.lower(), None, env_id, {}, None, None, None)
     if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
         valid = f"{{{','.join(D4RL_FAMILIES)}}}-{{{','.join(D4RL_DATASETS)}}}-v2"
-        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}; or, with --dataset-path, a "
-                         f"gymnasium id of {sorted(TERMINATION_FNS)}, e.g. Hopper-v4, InvertedPendulum-v4")
+        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}; {', '.join(OOD_TASKS)}; a Minari "
+                         f"id (e.g. mujoco/hopper/medium-v0); or, with --dataset-path, a gymnasium id of "
+                         f"{sorted(TERMINATION_FNS)}, e.g. Hopper-v4, InvertedPendulum-v4")
     gym_id, gym_kwargs, ref_min, ref_max = D4RL_FAMILIES[family]
     file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's own name, so its cache is reused
-    return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name)
+    return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name, zero_contact=family == "ant")
+
+
+def minari_task(env_id: str) -> Task:
+    """A Minari dataset (e.g. mujoco/hopper/medium-v0): its own eval env and reference scores."""
+    try:
+        import minari
+    except ImportError as e:
+        raise ImportError(f"--env-id {env_id} is a Minari dataset: pip install 'minari[hdf5]' pillow") from e
+    if env_id not in minari.list_local_datasets():
+        try:
+            minari.download_dataset(env_id)
+        except Exception as e:  # minari raises several kinds when offline or the id is unknown
+            raise ConnectionError(f"could not fetch Minari dataset {env_id} ({e}); check the id, or place it under "
+                                  f"$MINARI_DATASETS_PATH (default ~/.minari/datasets)") from e
+    dataset = minari.load_dataset(env_id)
+    spec = dataset.recover_environment(eval_env=True).spec
+    family = spec.id.split("-")[0].lower()
+    if family not in TERMINATION_FNS:
+        raise ValueError(f"{env_id} runs in {spec.id}, which has no termination function here ({sorted(TERMINATION_FNS)})")
+    meta = dataset.storage.metadata
+    return Task(env_id, family, env_id.rsplit("/", 1)[-1].rsplit("-v", 1)[0], spec.id,
+                {**spec.kwargs, "max_episode_steps": spec.max_episode_steps}, meta.get("ref_min_score"),
+                meta.get("ref_max_score"), None, minari_id=env_id)
 
 
 def d4rl_cache_dir() -> Path:
@@ -305,7 +358,8 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
                     have = 0
                 size = int(response.headers.get("Content-Length") or 0)
                 total = have + size if size else None
-                bar = tqdm(initial=have, total=total, unit="B", unit_scale=True, desc=f"download {path.name}")
+                bar = tqdm(initial=have, total=total, unit="B", unit_scale=True, desc=f"download {path.name}",
+                           disable=None)  # bars only on a terminal
                 with open(part, "ab" if have else "wb") as f, bar:
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
@@ -333,7 +387,11 @@ def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
         raise FileNotFoundError(f"dataset file {path} does not exist; check --dataset-path")
     check_hdf5(path)
     with h5py.File(path, "r") as f:
-        data = {k: np.asarray(f[k][()], dtype=np.float32) for k in REQUIRED_KEYS}
+        return check_dataset({k: f[k][()] for k in REQUIRED_KEYS}, path, obs_dim, act_dim)
+
+
+def check_dataset(data: dict, path, obs_dim: int, act_dim: int) -> dict:
+    data = {k: np.asarray(data[k], dtype=np.float32) for k in REQUIRED_KEYS}
     n = len(data["observations"])
     data["rewards"] = data["rewards"].reshape(n, -1).squeeze(-1)
     data["terminals"] = data["terminals"].reshape(n, -1).squeeze(-1)
@@ -352,18 +410,33 @@ def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
 
 def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: int) -> dict:
     if dataset_path is not None:
-        return load_dataset(Path(dataset_path), obs_dim, act_dim)
-    if task.file_name is None:
+        data = load_dataset(Path(dataset_path), obs_dim, act_dim)
+    elif task.minari_id is not None:
+        import minari
+
+        episodes = list(minari.load_dataset(task.minari_id).iterate_episodes())
+        data = check_dataset({"observations": np.concatenate([e.observations[:-1] for e in episodes]),
+                              "next_observations": np.concatenate([e.observations[1:] for e in episodes]),
+                              "actions": np.concatenate([e.actions for e in episodes]),
+                              "rewards": np.concatenate([e.rewards for e in episodes]),
+                              "terminals": np.concatenate([e.terminations for e in episodes])},
+                             task.minari_id, obs_dim, act_dim)
+    elif task.file_name is None:
         raise ValueError(f"--env-id {task.env_id} is not a D4RL task, so it needs --dataset-path")
-    path = d4rl_cache_dir() / task.file_name
-    if not path.exists():
-        download(D4RL_URL.format(file=task.file_name), path)
-    try:
-        check_hdf5(path)
-    except ValueError as e:  # never train on a damaged cache entry
-        raise ValueError(f"cached D4RL file is damaged ({e}); delete it with `rm {path}` and run again to "
-                         f"re-download, or place a good copy there") from e
-    return load_dataset(path, obs_dim, act_dim)
+    else:
+        path = d4rl_cache_dir() / task.file_name
+        if not path.exists():
+            download(D4RL_URL.format(file=task.file_name), path)
+        try:
+            check_hdf5(path)
+        except ValueError as e:  # never train on a damaged cache entry
+            raise ValueError(f"cached D4RL file is damaged ({e}); delete it with `rm {path}` and run again to "
+                             f"re-download, or place a good copy there") from e
+        data = load_dataset(path, obs_dim, act_dim)
+    if task.reward_fn is not None:  # Sec. 5.2: every reward relabelled with the new task's
+        data["rewards"] = task.reward_fn(data["observations"], data["actions"], data["next_observations"])
+        data["rewards"] = data["rewards"].astype(np.float32)
+    return data
 
 
 class ReplayBuffer:
@@ -538,7 +611,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     best = torch.full((E,), 1e10, device=obs.device)
     boot = train[torch.randint(len(train), (E, len(train)), device=obs.device)]  # [E, N_train] bootstrap indices
     epoch, epochs_since_update = 0, 0
-    bar = tqdm(desc="dynamics", unit="epoch", total=args.dynamics_max_epochs)
+    bar = tqdm(desc="dynamics", unit="epoch", total=args.dynamics_max_epochs, disable=None)
     while True:
         boot = boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # shuffle each member
         losses = []
@@ -714,7 +787,38 @@ def sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_o
 def make_env(task: Task) -> gym.Env:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is out of date.*")  # -v4 on purpose: D4RL's obs layout
-        return gym.make(task.gym_id, **task.gym_kwargs)
+        env = gym.make(task.gym_id, **task.gym_kwargs)
+    return TaskEnv(env, task) if task.zero_contact or task.reward_fn else env
+
+
+class TaskEnv(gym.Wrapper):
+    """The eval env as the task's data saw it: for ant, contact forces zeroed and left out of the reward (D14);
+    for the out-of-distribution tasks, the relabelled reward r(s, a, s') (Sec. 5.2)."""
+
+    def __init__(self, env: gym.Env, task: Task):
+        super().__init__(env)
+        self.task, self.last_obs = task, None
+
+    def observe(self, obs):
+        if self.task.zero_contact:  # Ant's observation: 13 qpos, 14 qvel, then 84 contact forces
+            obs = obs.copy()
+            obs[27:] = 0.0
+        return obs
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.last_obs = self.observe(obs)
+        return self.last_obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs = self.observe(obs)
+        if self.task.zero_contact:
+            reward += self.env.unwrapped.contact_cost
+        if self.task.reward_fn is not None:
+            reward = float(self.task.reward_fn(self.last_obs[None], np.asarray(action)[None], obs[None])[0])
+        self.last_obs = obs
+        return obs, reward, terminated, truncated, info
 
 
 def normalized_score(task: Task, returns):
@@ -904,7 +1008,7 @@ def main(args: Args) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
     total_updates = args.epochs * args.steps_per_epoch
     start_time = time.time()
-    bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd")
+    bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd", disable=None)  # a terminal only
     try:
         for step in range(start_step, total_updates):
             global_step = step + 1
@@ -982,5 +1086,5 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except (ValueError, OSError, FloatingPointError) as e:  # bad input, data or numbers: one line, no traceback
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # bad input or numbers: one line
         raise SystemExit(f"error: {e}")
