@@ -56,6 +56,9 @@ D14 Evaluation in gymnasium's `-v4` MuJoCo envs (mujoco bindings) instead of gym
     Deterministic actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
 D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random datasets from the authors' -v0
     configs; the rest (expert, full-replay, ant, and gymnasium ids: h 5, λ 1) are ours, see TASK_DEFAULTS.
+D16 `--spectral-norm` (off by default): the paper's appendix puts spectral normalization on every model layer but the
+    variance head (its Lipschitz-regularized mean, Alg. 2); the authors' code never applied it (tianheyu927/mopo #3)
+    and the published numbers come without it. Power iteration batched over members, one step per training forward.
 """
 
 import http.client
@@ -134,6 +137,8 @@ class Args:
     """cap on dynamics training epochs (default: until early stopping)"""
     dynamics_path: Optional[str] = None
     """reuse a trained ensemble (a run folder or its dynamics.pt) instead of training one"""
+    spectral_norm: bool = False
+    """the paper's Lipschitz-regularized model: spectral norm on all dynamics layers but the variance head (D16)"""
 
     # MOPO (Alg. 2)
     lam: Optional[float] = None
@@ -511,14 +516,32 @@ TERMINATION_FNS: dict[str, Callable] = {
 class EnsembleLinear(nn.Module):
     """E independent linear layers as one batched matmul: [E, B, in] → [E, B, out]. Init per member as nn.Linear."""
 
-    def __init__(self, num_members: int, in_dim: int, out_dim: int):
+    def __init__(self, num_members: int, in_dim: int, out_dim: int, spectral_norm: bool = False):
         super().__init__()
         bound = 1 / math.sqrt(in_dim)
         self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_members, 1, out_dim).uniform_(-bound, bound))
+        self.spectral_norm = spectral_norm
+        if spectral_norm:
+            self.register_buffer("sn_u", torch.ones(num_members, out_dim) / math.sqrt(out_dim))  # [E, out]
 
     def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.normalized_weight() if self.spectral_norm else self.weight)
+
+    def normalized_weight(self):
+        """W / σ_max(W) per member (Miyato et al. 2018), σ by one power-iteration step per training forward."""
+        if self.training:
+            self.power_iteration(1)
+        with torch.no_grad():
+            v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)  # [E, in]
+        sigma = torch.einsum("ei,eio,eo->e", v, self.weight, self.sn_u)  # [E], differentiable in W
+        return self.weight / sigma[:, None, None]
+
+    @torch.no_grad()
+    def power_iteration(self, steps: int):
+        for _ in range(steps):
+            v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)  # [E, in]
+            self.sn_u.copy_(F.normalize(torch.einsum("eio,ei->eo", self.weight, v), dim=1))  # [E, out]
 
 
 class EnsembleDynamics(nn.Module):
@@ -526,12 +549,14 @@ class EnsembleDynamics(nn.Module):
 
     weight_decays = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4, 1e-4)  # D4: hidden layers 1..4, mean head, log-var head
 
-    def __init__(self, obs_dim: int, act_dim: int, num_ensemble: int = 7, num_elites: int = 5, hidden_dim: int = 200):
+    def __init__(self, obs_dim: int, act_dim: int, num_ensemble: int = 7, num_elites: int = 5, hidden_dim: int = 200,
+                 spectral_norm: bool = False):
         super().__init__()
         in_dim, out_dim = obs_dim + act_dim, 1 + obs_dim
         dims = (in_dim, hidden_dim, hidden_dim, hidden_dim, hidden_dim)
-        self.hidden = nn.ModuleList(EnsembleLinear(num_ensemble, i, o) for i, o in zip(dims[:-1], dims[1:]))
-        self.mean_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim)
+        # D16: the paper's Lipschitz-regularized mean: spectral norm on every layer but the log-variance head
+        self.hidden = nn.ModuleList(EnsembleLinear(num_ensemble, i, o, spectral_norm) for i, o in zip(dims, dims[1:]))
+        self.mean_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim, spectral_norm)
         self.logvar_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim)
         for layer in self.layers():  # D2: the authors' truncated-normal init
             std = 1 / (2 * math.sqrt(layer.weight.shape[1]))
@@ -642,6 +667,9 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     with torch.no_grad():
         for p, s in zip(member_params, snapshot):
             p.copy_(s)
+    for layer in model.layers():  # D16: converge σ for the restored weights, so each layer is exactly 1-Lipschitz
+        if layer.spectral_norm:
+            layer.power_iteration(100)
     mse = select_elites(model, obs[hold], act[hold], target[hold])
     stats = {"epochs": epoch, "holdout_mse": mse.mean().item(), "member_holdout_mse": mse.tolist(),
              "elite_holdout_mse": mse[model.elites].mean().item()}
@@ -862,7 +890,7 @@ def check_finite(scalars: dict, where: str, last_checkpoint: Optional[Path]) -> 
 
 def dynamics_config(args: Args, obs_dim: int, act_dim: int) -> dict:
     return {"obs_dim": obs_dim, "act_dim": act_dim, "num_ensemble": args.num_ensemble, "num_elites": args.num_elites,
-            "dynamics_hidden_dim": args.dynamics_hidden_dim}
+            "dynamics_hidden_dim": args.dynamics_hidden_dim, "spectral_norm": args.spectral_norm}
 
 
 def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str) -> dict:
@@ -875,7 +903,7 @@ def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str)
              if saved["config"].get(k) != v]
     if wrong:
         raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
-                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim) or train a new one")
+                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim, --spectral-norm) or train a new one")
     if saved["env_id"] != env_id:
         print(f"note: {file} was trained on {saved['env_id']}, this run is {env_id}")
     model.load_state_dict(saved["state_dict"])
@@ -942,7 +970,8 @@ def main(args: Args) -> dict:
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     # Model learning (Alg. 2, line 1); independent of λ, h and SAC, so it can be trained once and reused
-    dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim)
+    dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
+                                args.spectral_norm)
     dynamics.to(device)
     config = dynamics_config(args, obs_dim, act_dim)
     if ckpt is not None:
