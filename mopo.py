@@ -236,22 +236,18 @@ D4RL_FAMILIES = {
 }
 D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
-# (h, λ) per task (D15). OfflineRL-Kit's -v2 settings; random: authors' -v0 configs; "ours": no published value.
+# (h, λ) per dataset and family (D15): OfflineRL-Kit's -v2 settings; random: the authors' -v0 configs.
 TASK_DEFAULTS = {
-    ("halfcheetah", "medium"): (5, 0.5), ("hopper", "medium"): (5, 5.0), ("walker2d", "medium"): (5, 0.5),
-    ("halfcheetah", "medium-replay"): (5, 0.5), ("hopper", "medium-replay"): (5, 2.5),
-    ("walker2d", "medium-replay"): (1, 2.5),
-    ("halfcheetah", "medium-expert"): (5, 2.5), ("hopper", "medium-expert"): (5, 5.0),
-    ("walker2d", "medium-expert"): (1, 2.5),
-    ("halfcheetah", "random"): (5, 0.5), ("hopper", "random"): (5, 1.0), ("walker2d", "random"): (1, 1.0),
+    "medium": {"halfcheetah": (5, 0.5), "hopper": (5, 5.0), "walker2d": (5, 0.5)},
+    "medium-replay": {"halfcheetah": (5, 0.5), "hopper": (5, 2.5), "walker2d": (1, 2.5)},
+    "medium-expert": {"halfcheetah": (5, 2.5), "hopper": (5, 5.0), "walker2d": (1, 2.5)},
+    "random": {"halfcheetah": (5, 0.5), "hopper": (5, 1.0), "walker2d": (1, 1.0)},
 }
-# ours: expert data is as narrow as medium-expert's → its setting; full-replay is as broad as medium-replay → its
-# setting; ant has no published MOPO D4RL setting → h 5, λ 1.0, the middle of the published λ range.
-for _family in ("halfcheetah", "hopper", "walker2d"):
-    TASK_DEFAULTS[(_family, "expert")] = TASK_DEFAULTS[(_family, "medium-expert")]
-    TASK_DEFAULTS[(_family, "full-replay")] = TASK_DEFAULTS[(_family, "medium-replay")]
-for _dataset in D4RL_DATASETS:
-    TASK_DEFAULTS[("ant", _dataset)] = (5, 1.0)
+# Ours, with no published value: expert data is as narrow as medium-expert's and full-replay as broad as
+# medium-replay's, so they take those settings; ant and gymnasium/Minari tasks without a match: h 5, λ 1.0, the middle
+# of the published λ range.
+TASK_DEFAULTS |= {"expert": TASK_DEFAULTS["medium-expert"], "full-replay": TASK_DEFAULTS["medium-replay"]}
+OTHER_TASK_DEFAULT = (5, 1.0)
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "next_observations")
 
 
@@ -849,10 +845,14 @@ class TaskEnv(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def normalized_score(task: Task, returns):
-    if task.ref_min is None:
-        return None
-    return 100.0 * (np.asarray(returns) - task.ref_min) / (task.ref_max - task.ref_min)
+def summarize(task: Task, returns: np.ndarray) -> dict:
+    """Mean and std of the returns and, where the task has reference scores, of the per-episode normalized scores
+    (normalizing a std would subtract the min score from a spread)."""
+    out = {"return": float(returns.mean()), "return_std": float(returns.std())}
+    if task.ref_min is not None:
+        scores = 100.0 * (returns - task.ref_min) / (task.ref_max - task.ref_min)
+        out |= {"normalized_score": float(scores.mean()), "normalized_score_std": float(scores.std())}
+    return out
 
 
 @torch.no_grad()
@@ -870,6 +870,9 @@ def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int) -> np.ndarray:
 
 
 # === 8. main: load → train the model → {rollout, SAC update, evaluate, log, checkpoint} → save ===
+RESULT_KEYS = ("return", "return_std", "normalized_score", "normalized_score_std")  # results.json: final_{key}
+
+
 def atomic_save(path: Path, obj) -> None:
     """Write a temp file, then rename: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -926,7 +929,7 @@ def main(args: Args) -> dict:
         args = Args(**{**ckpt["args"], "resume": args.resume})
     check_args(args)
     task = make_task(args.env_id)
-    default_h, default_lam = TASK_DEFAULTS.get((task.family, task.dataset), (5, 1.0))  # gymnasium tasks: D15
+    default_h, default_lam = TASK_DEFAULTS.get(task.dataset, {}).get(task.family, OTHER_TASK_DEFAULT)  # D15
     h = args.rollout_length if args.rollout_length is not None else default_h
     lam = args.lam if args.lam is not None else default_lam
     print(f"{args.env_id}: h = {h} ({'--rollout-length' if args.rollout_length is not None else 'task default'}), "
@@ -1014,8 +1017,7 @@ def main(args: Args) -> dict:
 
     if ckpt is None:
         results = {"env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_name,
-                   "dynamics": dyn_stats, "final_return": None, "final_return_std": None,
-                   "final_normalized_score": None, "final_normalized_score_std": None, "evaluations": [],
+                   "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
                    "args": asdict(args)}
         save_checkpoint(0)
     else:
@@ -1066,24 +1068,16 @@ def main(args: Args) -> dict:
                 bar.update(global_step - bar.n)
 
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-                returns = evaluate(actor, eval_envs, seed=args.seed + global_step)
-                scores = normalized_score(task, returns)
-                entry = {"step": global_step, "epoch": epoch, "return": float(returns.mean()),
-                         "return_std": float(returns.std())}
-                writer.add_scalar("eval/return_mean", entry["return"], global_step)
-                writer.add_scalar("eval/return_std", entry["return_std"], global_step)
-                line = f"epoch {epoch} step {global_step}: return {entry['return']:.1f} ± {entry['return_std']:.1f}"
-                if scores is not None:
-                    entry["normalized_score"], entry["normalized_score_std"] = float(scores.mean()), float(scores.std())
-                    writer.add_scalar("eval/normalized_score_mean", entry["normalized_score"], global_step)
-                    writer.add_scalar("eval/normalized_score_std", entry["normalized_score_std"], global_step)
-                    line += f", normalized {entry['normalized_score']:.1f} ± {entry['normalized_score_std']:.1f}"
-                    bar.set_postfix(score=f"{entry['normalized_score']:.1f}")
+                summary = summarize(task, evaluate(actor, eval_envs, seed=args.seed + global_step))
+                for k, v in summary.items():
+                    writer.add_scalar(f"eval/{k}", v, global_step)
+                line = f"epoch {epoch} step {global_step}: return {summary['return']:.1f} ± {summary['return_std']:.1f}"
+                if "normalized_score" in summary:
+                    line += f", normalized {summary['normalized_score']:.1f} ± {summary['normalized_score_std']:.1f}"
+                    bar.set_postfix(score=f"{summary['normalized_score']:.1f}")
                 tqdm.write(line)
-                results["evaluations"].append(entry)
-                results.update(final_return=entry["return"], final_return_std=entry["return_std"],
-                               final_normalized_score=entry.get("normalized_score"),
-                               final_normalized_score_std=entry.get("normalized_score_std"))
+                results["evaluations"].append({"step": global_step, "epoch": epoch, **summary})
+                results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
                 atomic_save(run_dir / "results.json", results)
             if checkpoint_now:
                 save_checkpoint(global_step)
