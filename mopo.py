@@ -902,8 +902,8 @@ def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str)
     if not file.is_file():
         raise FileNotFoundError(f"--dynamics-path {path}: no such file; pass a run folder or its dynamics.pt")
     saved = torch.load(file, map_location="cpu", weights_only=True)
-    wrong = [f"{k} {saved['config'].get(k)} in the file vs {v} here" for k, v in config.items()
-             if saved["config"].get(k) != v]
+    saved_config = {"spectral_norm": False, **saved["config"]}  # files from before --spectral-norm lack the key
+    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in config.items() if saved_config.get(k) != v]
     if wrong:
         raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
                          f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim, --spectral-norm) or train a new one")
