@@ -953,6 +953,11 @@ def main(args: Args) -> dict:
     real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
                        ("observations", "actions", "rewards", "next_observations", "terminals"))))
     print(f"dataset: {n} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
+    dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
+                                args.spectral_norm).to(device)
+    config = dynamics_config(args, obs_dim, act_dim)
+    if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
+        dyn_stats = load_dynamics(args.dynamics_path, dynamics, config, args.env_id)
 
     if ckpt is None:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -973,17 +978,11 @@ def main(args: Args) -> dict:
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     # Model learning (Alg. 2, line 1); independent of λ, h and SAC, so it can be trained once and reused
-    dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
-                                args.spectral_norm)
-    dynamics.to(device)
-    config = dynamics_config(args, obs_dim, act_dim)
     if ckpt is not None:
         dynamics.load_state_dict(ckpt["dynamics"])
         dyn_stats = ckpt["results"]["dynamics"]
     else:
-        if args.dynamics_path is not None:
-            dyn_stats = load_dynamics(args.dynamics_path, dynamics, config, args.env_id)
-        else:
+        if args.dynamics_path is None:
             dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer)
         atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": config,
                                               "env_id": args.env_id, "stats": dyn_stats})

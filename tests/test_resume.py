@@ -118,6 +118,7 @@ def test_dynamics_model_mismatch_is_a_clear_error(reference, hopper_file, tmp_pa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):
         mopo.main(tiny_args(hopper_file, dynamics_path=str(reference[1]), **override))
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_dynamics_model_for_other_dims_is_refused(reference):
