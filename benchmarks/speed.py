@@ -105,7 +105,7 @@ def main(args: Args) -> dict:
     n_train = len(obs) - min(int(0.2 * len(obs)), margs.holdout_size)
     steps = -(-n_train // margs.dynamics_batch_size)
     bare_model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-    optimizer = torch.optim.Adam(bare_model.parameters(), lr=1e-3)
+    optimizer = mopo.dynamics_optimizer(bare_model, lr=1e-3)
     idx = torch.randint(len(obs), (7, margs.dynamics_batch_size), device=device)
     x_obs, x_act, y = obs[idx], act[idx], target[idx]
 
@@ -123,13 +123,13 @@ def main(args: Args) -> dict:
     actor = mopo.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim)).to(device)
     start_obs = real.split(real.sample(args.rollout_batch_size))[0]
     roll = lambda: mopo.rollout(actor, dynamics, start_obs, h, 1.0, "aleatoric", mopo.hopper_done)  # noqa: E731
-    timed(lambda: mopo.rollout(actor, dynamics, start_obs[:2048], h, 1.0, "aleatoric", mopo.hopper_done), device)
+    timed(lambda: mopo.rollout(actor, dynamics, start_obs[:4096], h, 1.0, "aleatoric", mopo.hopper_done), device)
     seconds, (rows, _) = timed(roll, device)
     pre_made = torch.randn(len(rows), obs_dim, device=device)  # one forward row per transition the rollout made
 
     @torch.no_grad()
     def bare_rollout():
-        for chunk in pre_made.split(2048):
+        for chunk in pre_made.split(mopo.ROLLOUT_CHUNK_CPU if device.type == "cpu" else len(pre_made)):
             a, _ = actor.sample(chunk)
             dynamics(chunk, a)
     bare_s, _ = timed(bare_rollout, device)
@@ -144,8 +144,9 @@ def main(args: Args) -> dict:
     qf_target.load_state_dict(qf.state_dict())
     qf_target.requires_grad_(False)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
-    opts = (torch.optim.Adam(qf.parameters(), lr=3e-4), torch.optim.Adam(actor.parameters(), lr=3e-4),
-            torch.optim.Adam([log_alpha], lr=3e-4))
+    fused = mopo.fused_adam(device)
+    opts = (torch.optim.Adam(qf.parameters(), lr=3e-4, fused=fused), torch.optim.Adam(actor.parameters(), lr=3e-4,
+            fused=fused), torch.optim.Adam([log_alpha], lr=3e-4, fused=fused))
 
     def update():
         batch = real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))

@@ -41,15 +41,36 @@ def test_gaussian_nll_matches_torch_distributions():
     torch.testing.assert_close(nll, expected)
 
 
-def test_dynamics_loss_adds_bounds_and_weight_decay():
+def test_dynamics_loss_adds_the_log_variance_bound_terms():
     torch.manual_seed(0)
     model = mopo.EnsembleDynamics(2, 1, num_ensemble=3, num_elites=2, hidden_dim=8)
     obs, act, target = torch.randn(3, 10, 2), torch.randn(3, 10, 1), torch.randn(3, 10, 3)
-    l2 = sum(0.5 * wd * layer.weight.pow(2).sum() for layer, wd in zip(model.layers(), (2.5e-5, 5e-5, 7.5e-5, 7.5e-5,
-                                                                                      1e-4, 1e-4)))
-    expected = (mopo.gaussian_nll(*model(obs, act), target).sum() + l2
+    expected = (mopo.gaussian_nll(*model(obs, act), target).sum()
                 + 0.01 * model.max_logvar.sum() - 0.01 * model.min_logvar.sum())
     torch.testing.assert_close(mopo.dynamics_loss(model, obs, act, target), expected)
+
+
+def test_optimizer_weight_decay_equals_the_authors_l2_term_in_the_loss():
+    """Adam's coupled weight decay per layer takes the same steps as adding 0.5·wd·Σw² (wd per layer) to the loss."""
+    torch.manual_seed(0)
+    with_decay = mopo.EnsembleDynamics(2, 1, num_ensemble=3, num_elites=2, hidden_dim=8)
+    with_term = mopo.EnsembleDynamics(2, 1, num_ensemble=3, num_elites=2, hidden_dim=8)
+    with_term.load_state_dict(with_decay.state_dict())
+    decays = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4, 1e-4)
+    opt_decay = mopo.dynamics_optimizer(with_decay, lr=1e-3)
+    opt_term = torch.optim.Adam(with_term.parameters(), lr=1e-3, fused=True)
+    for _ in range(5):
+        obs, act, target = torch.randn(3, 10, 2), torch.randn(3, 10, 1), torch.randn(3, 10, 3)
+        for model, opt, l2 in ((with_decay, opt_decay, False), (with_term, opt_term, True)):
+            loss = mopo.dynamics_loss(model, obs, act, target)
+            if l2:
+                loss = loss + sum(0.5 * wd * layer.weight.pow(2).sum() for layer, wd in zip(model.layers(), decays))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, a), b in zip(with_decay.named_parameters(), with_term.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert [g["weight_decay"] for g in opt_decay.param_groups] == [*decays, 0.0]  # biases and bounds: no decay
 
 
 def test_log_variance_stays_inside_its_bounds():
