@@ -59,7 +59,8 @@ D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random da
     configs; the rest (expert, full-replay, ant, and gymnasium ids: h 5, λ 1) are ours, see TASK_DEFAULTS.
 D16 `--spectral-norm` (off by default): the paper's appendix puts spectral normalization on every model layer but the
     variance head (its Lipschitz-regularized mean, Alg. 2); the authors' code never applied it (tianheyu927/mopo #3)
-    and the published numbers come without it. Power iteration batched over members, one step per training forward.
+    and the published numbers come without it. Power iteration batched over members, one step per training forward
+    and run to convergence after early stopping restores the best weights.
 """
 
 import http.client
@@ -116,8 +117,9 @@ class Args:
 
     # data
     env_id: str = "hopper-medium-v2"
-    """D4RL task, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2,
-    or a gymnasium MuJoCo id such as InvertedPendulum-v4 (needs --dataset-path; results in raw returns)"""
+    """D4RL task, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2;
+    the paper's halfcheetah-jump or ant-angle; a Minari id (mujoco/hopper/medium-v0); or, with --dataset-path, a
+    gymnasium MuJoCo id such as InvertedPendulum-v4 (raw returns: no reference scores)"""
     dataset_path: Optional[str] = None
     """a local hdf5 in D4RL layout used instead of the D4RL download; `--env-id` still names the task"""
 
