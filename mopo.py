@@ -969,6 +969,7 @@ def main(args: Args) -> dict:
     real = ReplayBuffer(n, obs_dim, act_dim, device)
     real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
                        ("observations", "actions", "rewards", "next_observations", "terminals"))))
+    del data  # the buffer is the one copy of the dataset from here on
     print(f"dataset: {n} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
     dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
                                 args.spectral_norm).to(device)
