@@ -54,14 +54,21 @@ def test_twin_critics_batched_equal_separate_mlps():
         torch.testing.assert_close(q[i], h.squeeze(-1))
 
 
-def test_sac_update_moves_targets_by_tau_and_learns():
+def sac_setup(**overrides):
+    """Tiny SAC pieces on a 3-dim task with a 1-dim action, and one batch (done = `done`)."""
     torch.manual_seed(0)
-    args = types.SimpleNamespace(autotune=True, alpha=1.0, gamma=0.99, tau=0.25, target_entropy=-1.0)
+    args = types.SimpleNamespace(**{"autotune": True, "alpha": 1.0, "gamma": 0.99, "tau": 0.005,
+                                    "target_entropy": -1.0, **overrides})
     actor, qf, qf_target = mopo.Actor(3, 1, -torch.ones(1), torch.ones(1)), mopo.TwinQ(3, 1), mopo.TwinQ(3, 1)
     log_alpha = torch.zeros((), requires_grad=True)
     opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
             torch.optim.Adam([log_alpha], 3e-4)]
     batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.zeros(32))
+    return args, actor, qf, qf_target, log_alpha, opts, batch
+
+
+def test_sac_update_moves_targets_by_tau_and_learns():
+    args, actor, qf, qf_target, log_alpha, opts, batch = sac_setup(tau=0.25)
     target_before = [p.clone() for p in qf_target.parameters()]
     actor_before = [p.clone() for p in actor.parameters()]
     info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
@@ -73,12 +80,6 @@ def test_sac_update_moves_targets_by_tau_and_learns():
 
 
 def test_fixed_alpha_without_autotune():
-    torch.manual_seed(0)
-    args = types.SimpleNamespace(autotune=False, alpha=0.2, gamma=0.99, tau=0.005, target_entropy=-1.0)
-    actor, qf, qf_target = mopo.Actor(3, 1, -torch.ones(1), torch.ones(1)), mopo.TwinQ(3, 1), mopo.TwinQ(3, 1)
-    log_alpha = torch.zeros((), requires_grad=True)
-    opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
-            torch.optim.Adam([log_alpha], 3e-4)]
-    batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.ones(32))
+    args, actor, qf, qf_target, log_alpha, opts, batch = sac_setup(autotune=False, alpha=0.2)
     info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
     assert info["losses/alpha"] == 0.2 and "losses/alpha_loss" not in info and log_alpha.item() == 0.0
