@@ -47,7 +47,7 @@ def curves(results, label_by):
     grouped = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r["evaluations"]:
-            label = str(r["args"].get(label_by)) if label_by else r["env_id"]
+            label = f"{label_by}={r['args'].get(label_by)}" if label_by else r["env_id"]
             grouped[r["env_id"]][label].append(r["evaluations"])
     out = defaultdict(dict)
     for env_id, by_label in grouped.items():

@@ -33,8 +33,8 @@ def test_label_by_splits_curves(tmp_path):
     write_run(tmp_path, "hopper-medium-v2", 1, [1, 2], exp_name="a")
     write_run(tmp_path, "hopper-medium-v2", 1, [3, 4], exp_name="b")
     curves = plot.curves(list(plot.find_results([str(tmp_path)])), "exp_name")
-    assert sorted(curves["hopper-medium-v2"]) == ["a", "b"]
-    np.testing.assert_array_equal(curves["hopper-medium-v2"]["b"][1], [3, 4])
+    assert sorted(curves["hopper-medium-v2"]) == ["exp_name=a", "exp_name=b"]
+    np.testing.assert_array_equal(curves["hopper-medium-v2"]["exp_name=b"][1], [3, 4])
 
 
 def test_bad_path_is_a_clear_error(tmp_path):
