@@ -101,6 +101,8 @@ def main(args: Args) -> dict:
     # --- dynamics epoch -------------------------------------------------------------------------------------------
     dynamics = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
     obs, act, target = mopo.make_model_data(real)
+    warm_up = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)  # first calls pay one-time library set-up
+    mopo.train_dynamics(warm_up, obs[:5000], act[:5000], target[:5000], margs)
     seconds, stats = timed(lambda: mopo.train_dynamics(dynamics, obs, act, target, margs), device)
     n_train = len(obs) - min(int(0.2 * len(obs)), margs.holdout_size)
     steps = -(-n_train // margs.dynamics_batch_size)
