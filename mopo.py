@@ -670,7 +670,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
             for k, v in scalars.items():
                 writer.add_scalar(k, v, epoch)
         bar.update()
-        bar.set_postfix(holdout_mse=f"{mse.mean().item():.4g}")
+        bar.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}")
         if epochs_since_update > 5 or epoch == args.dynamics_max_epochs:
             break
     bar.close()
@@ -690,7 +690,9 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
 
 
 # === 5. MOPO: uncertainty-penalized model rollouts (Alg. 2) ===
-ROLLOUT_CHUNK_CPU = 1024
+ROLLOUT_CHUNK_CPU = 1024  # rows per rollout chunk on CPU (see `rollout`)
+
+
 def penalty(mean, logvar, kind: str = "aleatoric"):
     """u(s, a) [B] from every member's prediction; mean, logvar: [E, B, 1 + obs_dim] (D6)."""
     if kind == "aleatoric":
