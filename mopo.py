@@ -324,7 +324,8 @@ def minari_task(env_id: str) -> Task:
     spec = dataset.recover_environment(eval_env=True).spec
     family = spec.id.split("-")[0].lower()
     if family not in TERMINATION_FNS:
-        raise ValueError(f"{env_id} runs in {spec.id}, which has no termination function here ({sorted(TERMINATION_FNS)})")
+        raise ValueError(f"{env_id} runs in {spec.id}, which has no termination function here "
+                         f"({sorted(TERMINATION_FNS)})")
     meta = dataset.storage.metadata
     return Task(env_id, family, env_id.rsplit("/", 1)[-1].rsplit("-v", 1)[0], spec.id,
                 {**spec.kwargs, "max_episode_steps": spec.max_episode_steps}, meta.get("ref_min_score"),
@@ -335,18 +336,19 @@ def d4rl_cache_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
 
 
-def check_hdf5(path: Path) -> None:
-    """Cheap structural check of a D4RL-layout file: it opens, has the required keys, and they have one length."""
+def check_hdf5(path: Path, fix: str = "") -> None:
+    """Cheap structural check of a D4RL-layout file: it opens, has the required keys, and they have one length.
+    `fix` is appended to the error (how to re-fetch a damaged cache entry)."""
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in REQUIRED_KEYS if k not in f]
             lengths = {k: f[k].shape[0] if f[k].ndim else 0 for k in REQUIRED_KEYS if k in f}
     except OSError as e:
-        raise ValueError(f"{path} is not a readable hdf5 file ({e})") from e
+        raise ValueError(f"{path} is not a readable hdf5 file ({e}){fix}") from e
     if missing:
-        raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}")
+        raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}{fix}")
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"{path}: keys have different lengths {lengths}; every key needs one row per transition")
+        raise ValueError(f"{path}: keys have different lengths {lengths}; each key needs one row per transition{fix}")
 
 
 def download(url: str, path: Path, attempts: int = 3) -> None:
@@ -385,11 +387,11 @@ def download(url: str, path: Path, attempts: int = 3) -> None:
     part.replace(path)
 
 
-def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
+def load_dataset(path: Path, obs_dim: int, act_dim: int, fix: str = "") -> dict:
     """Read a D4RL-layout hdf5 and check it against the env: a dict of float32 arrays (D12)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist; check --dataset-path")
-    check_hdf5(path)
+    check_hdf5(path, fix)
     with h5py.File(path, "r") as f:
         return check_dataset({k: f[k][()] for k in REQUIRED_KEYS}, path, obs_dim, act_dim)
 
@@ -407,8 +409,6 @@ def check_dataset(data: dict, path, obs_dim: int, act_dim: int) -> dict:
                              f"(obs_dim {obs_dim}, act_dim {act_dim}); does --env-id match the dataset?")
         if not np.isfinite(data[key]).all():
             raise ValueError(f"{path}: {key} holds NaN or inf values; clean the dataset first")
-    if n < 2:
-        raise ValueError(f"{path} holds {n} transitions; MOPO needs a dataset")
     return data
 
 
@@ -431,12 +431,9 @@ def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: 
         path = d4rl_cache_dir() / task.file_name
         if not path.exists():
             download(D4RL_URL.format(file=task.file_name), path)
-        try:
-            check_hdf5(path)
-        except ValueError as e:  # never train on a damaged cache entry
-            raise ValueError(f"cached D4RL file is damaged ({e}); delete it with `rm {path}` and run again to "
-                             f"re-download, or place a good copy there") from e
-        data = load_dataset(path, obs_dim, act_dim)
+        # never train on a damaged cache entry: say how to re-fetch it
+        data = load_dataset(path, obs_dim, act_dim, f"; the cached file is damaged: delete it with `rm {path}` and "
+                                                    f"run again to re-download, or place a good copy there")
     if task.reward_fn is not None:  # Sec. 5.2: every reward relabelled with the new task's
         data["rewards"] = task.reward_fn(data["observations"], data["actions"], data["next_observations"])
         data["rewards"] = data["rewards"].astype(np.float32)
@@ -922,10 +919,12 @@ def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str)
         raise FileNotFoundError(f"--dynamics-path {path}: no such file; pass a run folder or its dynamics.pt")
     saved = torch.load(file, map_location="cpu", weights_only=True)
     saved_config = {"spectral_norm": False, **saved["config"]}  # files from before --spectral-norm lack the key
-    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in config.items() if saved_config.get(k) != v]
+    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in config.items()
+             if saved_config.get(k) != v]
     if wrong:
         raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
-                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim, --spectral-norm) or train a new one")
+                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim, --spectral-norm) or "
+                         f"train a new one")
     if saved["env_id"] != env_id:
         print(f"note: {file} was trained on {saved['env_id']}, this run is {env_id}")
     model.load_state_dict(saved["state_dict"])

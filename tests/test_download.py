@@ -114,7 +114,7 @@ def test_damaged_cache_file_is_reported_never_used(hopper_file, tmp_path, monkey
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     cached = tmp_path / "hopper_medium-v2.hdf5"
     cached.write_bytes(hopper_file.read_bytes()[: hopper_file.stat().st_size // 2])  # truncated
-    with pytest.raises(ValueError, match=f"cached D4RL file is damaged .*`rm {cached}`"):
+    with pytest.raises(ValueError, match=f"not a readable hdf5 file .*; the cached file is damaged: .*`rm {cached}`"):
         mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
     assert cached.exists()  # the user's file is reported, not silently deleted
 
