@@ -548,6 +548,8 @@ class EnsembleDynamics(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, num_ensemble: int = 7, num_elites: int = 5, hidden_dim: int = 200,
                  spectral_norm: bool = False):
         super().__init__()
+        self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "num_ensemble": num_ensemble, "num_elites": num_elites,
+                       "dynamics_hidden_dim": hidden_dim, "spectral_norm": spectral_norm}  # checked by load_dynamics
         in_dim, out_dim = obs_dim + act_dim, 1 + obs_dim
         dims = (in_dim, hidden_dim, hidden_dim, hidden_dim, hidden_dim)
         # D16: the paper's Lipschitz-regularized mean: spectral norm on every layer but the log-variance head
@@ -907,19 +909,14 @@ def check_finite(scalars: dict, where: str, last_checkpoint: Optional[Path]) -> 
                                      f"{last_checkpoint or 'none'}")
 
 
-def dynamics_config(args: Args, obs_dim: int, act_dim: int) -> dict:
-    return {"obs_dim": obs_dim, "act_dim": act_dim, "num_ensemble": args.num_ensemble, "num_elites": args.num_elites,
-            "dynamics_hidden_dim": args.dynamics_hidden_dim, "spectral_norm": args.spectral_norm}
-
-
-def load_dynamics(path: str, model: EnsembleDynamics, config: dict, env_id: str) -> dict:
+def load_dynamics(path: str, model: EnsembleDynamics, env_id: str) -> dict:
     """Load a saved ensemble after checking it fits this dataset and these flags; returns its training stats."""
     file = Path(path) / "dynamics.pt" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--dynamics-path {path}: no such file; pass a run folder or its dynamics.pt")
     saved = torch.load(file, map_location="cpu", weights_only=True)
     saved_config = {"spectral_norm": False, **saved["config"]}  # files from before --spectral-norm lack the key
-    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in config.items()
+    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in model.config.items()
              if saved_config.get(k) != v]
     if wrong:
         raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
@@ -974,9 +971,8 @@ def main(args: Args) -> dict:
     print(f"dataset: {n} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
     dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
                                 args.spectral_norm).to(device)
-    config = dynamics_config(args, obs_dim, act_dim)
     if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
-        dyn_stats = load_dynamics(args.dynamics_path, dynamics, config, args.env_id)
+        dyn_stats = load_dynamics(args.dynamics_path, dynamics, args.env_id)
 
     if ckpt is None:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1003,7 +999,7 @@ def main(args: Args) -> dict:
     else:
         if args.dynamics_path is None:
             dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer)
-        atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": config,
+        atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
                                               "env_id": args.env_id, "stats": dyn_stats})
     print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
           f"(elites {dyn_stats['elite_holdout_mse']:.4g})")

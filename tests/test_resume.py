@@ -123,11 +123,10 @@ def test_dynamics_model_mismatch_is_a_clear_error(reference, hopper_file, tmp_pa
 
 def test_dynamics_model_for_other_dims_is_refused(reference):
     model = mopo.EnsembleDynamics(17, 6)
-    config = {"obs_dim": 17, "act_dim": 6, "num_ensemble": 7, "num_elites": 5, "dynamics_hidden_dim": 200}
     with pytest.raises(ValueError, match="obs_dim 11 in the file vs 17 here; act_dim 3 in the file vs 6 here"):
-        mopo.load_dynamics(str(reference[1] / "dynamics.pt"), model, config, "walker2d-medium-v2")
+        mopo.load_dynamics(str(reference[1] / "dynamics.pt"), model, "walker2d-medium-v2")
     with pytest.raises(FileNotFoundError, match="--dynamics-path"):
-        mopo.load_dynamics(str(reference[1] / "nope.pt"), model, config, "walker2d-medium-v2")
+        mopo.load_dynamics(str(reference[1] / "nope.pt"), model, "walker2d-medium-v2")
 
 
 def nan_after(n_calls, real):
