@@ -208,7 +208,7 @@ def slurm_parameters(args: Args, dependency: Optional[str] = None) -> dict:
     """sbatch options of one job. A stage-2 job waits for its model with afterok: SLURM holds it while the model job
     runs or is requeued, and cancels it if the model job fails (kill-on-invalid-dep)."""
     extra = dict(kv.split("=", 1) for kv in args.slurm)
-    return dict(time=args.timeout_min, signal_delay_s=args.signal_delay_s, gpus_per_node=args.gpus_per_job,
+    return dict(time=args.timeout_min, signal_delay_s=args.signal_delay_s, gpus_per_node=args.gpus_per_job or None,
                 cpus_per_task=args.cpus_per_job, partition=args.partition, stderr_to_stdout=True,
                 dependency=f"afterok:{dependency}" if dependency else None,
                 additional_parameters={"kill-on-invalid-dep": "yes", **extra})

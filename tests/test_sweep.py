@@ -42,7 +42,7 @@ def signal_after_first_evaluation(workdir: Path, seen: dict):
         # the first evaluation and the epoch-end checkpoint after it are written: the signal lands mid-epoch 2
         if run and (sweep.read_results(run / "results.json") or {}).get("evaluations") and (
                 (run / "checkpoint.pt").stat().st_mtime_ns > (run / "results.json").stat().st_mtime_ns):
-            time.sleep(0.05)
+            time.sleep(0.1)
             pids = mopo_process_in(workdir)
             if pids:
                 for pid in pids:
