@@ -11,60 +11,50 @@ Sections: 1 Args · 2 Data · 3 Termination functions · 4 Ensemble dynamics · 
 6 SAC · 7 Evaluation · 8 main.
 
 Implementation details (every choice the paper leaves open; its source; where we depart from the authors, why):
-D1  Model targets are [reward, Δs = s' − s], reward first (authors' code; OfflineRL-Kit puts it last). Inputs
-    [s, a] are z-scored with the training split's mean/std (std < 1e-12 → 1), stored inside the model.
-D2  Dynamics: 7 members, 4 hidden layers × 200 swish, a mean head and a separate log-variance head both reading the
-    last hidden layer (authors' D4RL configs, `separate_mean_var`); weights truncated-normal, std 1/(2√fan_in),
-    biases zero (authors' FC layer).
+D1  Model targets [reward, Δs = s' − s], reward first (authors' code; OfflineRL-Kit puts it last). Inputs [s, a]
+    z-scored with the training split's mean/std (std < 1e-12 → 1), stored inside the model.
+D2  Dynamics: 7 members, 4 hidden layers × 200 swish, a mean head and a separate log-variance head on the last
+    hidden layer (authors' D4RL configs); weights truncated-normal with std 1/(2√fan_in), biases zero.
 D3  Log-variance soft bounds: learnable max (init 0.5) and min (init −10) shared by the members,
     lv = max − softplus(max − lv), lv = min + softplus(lv − min), loss += 0.01·Σmax − 0.01·Σmin (authors').
-D4  Model loss: per member, mean over batch and dims of (μ − y)²·e^{−lv} + lv; summed over members; plus the L2
-    term 0.5·wd·Σw² with wd = 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 for the hidden layers and 1e-4 for each head, applied
-    as Adam's coupled weight decay (the same gradient, without the term in the graph; so the logged loss omits it).
-D5  Model training: holdout min(20%, 1000) transitions; each member trains on its own bootstrap of the rest; Adam
-    1e-3, batch 256. A member's weights are snapshotted when its holdout MSE improves by > 1% (relative); training
-    stops once no member improved for more than 5 epochs, and the snapshots are restored (the shared log-variance
-    bounds keep their last values, as in the authors' code). Elites = the 5 lowest holdout MSEs. Trained once.
-D6  Penalty (Alg. 2, Sec. 4.3): u(s,a) = max over ALL members (not only elites) of ‖σ_i(s,a)‖₂, the norm of the
-    predicted std vector, reward dim included. The paper writes ‖Σ_i‖_F; the authors' code uses the std, so do we.
-    `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims, the authors' disagreement alternative
-    (OfflineRL-Kit's `pairwise-diff`; not Kit's `ensemble_std`, which is √(mean over dims of the member variance)).
-D7  Model step: for each transition one random elite, sample (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u
-    (authors' code; the paper writes the mean r̂). Noise is drawn only for the chosen member.
-D8  Rollouts: `rollout_batch_size` start states drawn uniformly from the dataset, the current stochastic policy,
-    h steps, every `rollout_freq` updates (first one before the first update); a branch stops once the
-    termination function fires (its terminal transition is kept, with done = 1).
-D9  Model buffer: FIFO of model_retain_epochs × rollout_batch_size × h rows, the oldest rows dropped first. The
-    authors size it model_retain_epochs × (rollouts per epoch) × h, the same with the default schedule.
-D10 Batch mixing: each SAC batch is int(real_ratio·batch_size) real rows + the rest model rows, one fused batch.
-    real_ratio = 0: pure model data (real data only seeds rollouts). real_ratio = 1: plain SAC on the dataset;
-    rollouts are skipped (the model is still trained and saved, and never used).
-D11 Termination functions from MBPO/MOPO's static functions; hopper's `abs()` bug, which wrapped the whole
-    `< 100` comparison, is fixed; each is tested against the gymnasium env's own `terminated`. Hopper's env also
-    ends on |qvel| > 100, which its observation (velocities clipped to ±10) cannot show; MBPO's function shares this.
-D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` pairs s_i with s_{i+1}, wrong at
-    episode ends); `timeouts` are not terminals; the whole dataset is kept (the authors' 1M-row pool drops half of
-    medium-expert).
-D13 SAC as softlearning (authors' code): 2×256 ReLU actor and critics, tanh-Gaussian with log-std in (−20, 2),
-    lr 3e-4 (actor, critics, α), γ 0.99, τ 0.005 every update, α from 1.0 with loss −log α·(log π + H̄),
-    target entropy −3 (authors' value for every task), min of the twin critics in both target and actor loss.
-    Departures: critic, then actor, then α are stepped one after another on the same batch (CleanRL order; the TF
-    graph computed all three from pre-update values), and layers use PyTorch's default init (Keras: Glorot).
-D14 Evaluation in gymnasium's `-v4` MuJoCo envs (mujoco bindings) instead of gym `-v2`/mujoco-py: same model files
-    and observation layout; Ant with `use_contact_forces=True` for D4RL's 111-dim observation. D4RL's ant data came
-    from MuJoCo 2.0, whose contact forces were always zero (D4RL issue #143); modern MuJoCo computes them, so the
-    ant eval env zeroes them and leaves their cost out of the reward, as in the data and the reference scores.
-    Deterministic actions (tanh of the mean); the D4RL normalized score is computed per episode, then mean and std.
-D15 Per-task (h, λ) defaults: OfflineRL-Kit's published -v2 settings; random datasets from the authors' -v0
-    configs; the rest (expert, full-replay, ant, and gymnasium ids: h 5, λ 1) are ours, see TASK_DEFAULTS.
-D16 `--spectral-norm` (off by default): the paper's appendix puts spectral normalization on every model layer but the
-    variance head (its Lipschitz-regularized mean, Alg. 2); the authors' code never applied it (tianheyu927/mopo #3)
-    and the published numbers come without it. Power iteration batched over members, one step per training forward
-    and run to convergence after early stopping restores the best weights.
+D4  Model loss: per member, mean over batch and dims of (μ − y)²·e^{−lv} + lv, summed over members; L2 0.5·wd·Σw²
+    with wd 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 (hidden) and 1e-4 (heads), as Adam's coupled weight decay (same gradient).
+D5  Model training: holdout min(20%, 1000) transitions; each member its own bootstrap of the rest; Adam 1e-3, batch
+    256. A member is snapshotted when its holdout MSE improves by > 1%; stop once none improved for more than 5
+    epochs, restore the snapshots (log-var bounds keep their last values, as the authors'). Elites: 5 lowest MSEs.
+D6  Penalty (Alg. 2): u(s,a) = max over ALL members of ‖σ_i(s,a)‖₂, reward dim included (the paper writes ‖Σ_i‖_F;
+    the authors' code uses the std). `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims, the
+    authors' disagreement alternative (OfflineRL-Kit's `pairwise-diff`, not its `ensemble_std`).
+D7  Model step: per transition one random elite, (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u (authors' code; the
+    paper writes the mean r̂).
+D8  Rollouts: `rollout_batch_size` dataset states, the current stochastic policy, h steps, every `rollout_freq`
+    updates (the first before the first update); a branch stops when the termination function fires (done = 1).
+D9  Model buffer: FIFO of model_retain_epochs × rollout_batch_size × h rows; the authors size it per epoch, the same
+    with the default schedule.
+D10 Batch mixing: int(real_ratio·batch_size) real rows + model rows, one batch. real_ratio 1: plain SAC on the
+    dataset, no rollouts (the model is still trained and saved).
+D11 Termination functions from MBPO/MOPO, tested against gymnasium's `terminated`; hopper's `abs()` bug (wrapping
+    the whole `< 100` test) fixed. Hopper's env also ends on |qvel| > 100, which its clipped observation cannot show.
+D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` is wrong at episode ends); timeouts are
+    not terminals; the whole dataset is kept (the authors' 1M-row pool drops half of medium-expert).
+D13 SAC as softlearning: 2×256 ReLU actor and critics, tanh-Gaussian with log-std in (−20, 2), lr 3e-4, γ 0.99,
+    τ 0.005, α from 1.0 tuned to target entropy −3 (authors', every task), min of twin critics in target and actor
+    loss. Departures: critic, actor, α stepped in turn on one batch (CleanRL; the TF graph used pre-update values);
+    PyTorch's default init (Keras: Glorot).
+D14 Evaluation in gymnasium `-v4` MuJoCo envs (gym `-v2` on mujoco-py before): same models and observations; Ant with
+    contact forces for D4RL's 111 dims, zeroed and left out of the reward as in D4RL's MuJoCo-2.0 data (D4RL #143).
+    Deterministic actions; the normalized score per episode, then mean and std.
+D15 Per-task (h, λ): OfflineRL-Kit's published -v2 settings; random from the authors' -v0 configs; the rest ours
+    (TASK_DEFAULTS).
+D16 `--spectral-norm` (off): the paper's appendix normalizes every model layer but the variance head; the authors'
+    code never did (tianheyu927/mopo #3), nor the published numbers. Power iteration batched over members, one step
+    per training forward; the final σ from an exact SVD.
+D17 The gauge (Theorem 4.4, ours): each evaluation also runs the deterministic policy in the learned model from the
+    evaluation's start states (D7's sampling, to termination or the env's horizon), logging Σr and Σ(r − λ·u).
 """
 
-import http.client
 import copy
+import http.client
 import json
 import math
 import os
@@ -75,6 +65,7 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -220,10 +211,8 @@ def check_args(args: Args) -> None:
 
 
 def pick_device(args: Args) -> torch.device:
-    if args.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     try:
-        device = torch.device(args.device)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
     except RuntimeError as e:
         raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -531,24 +520,15 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.normalized_weight() if self.spectral_norm else self.weight)
 
     def normalized_weight(self):
-        """W / σ_max(W) per member (Miyato et al. 2018), σ by one power-iteration step per training forward."""
-        if self.training:
-            self.power_iteration()
+        """W / σ_max(W) per member (Miyato et al. 2018): σ = vᵀWu, u refined by one power-iteration step per training
+        forward (after training, `train_dynamics` sets u exactly)."""
         with torch.no_grad():
             v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)  # [E, in]
+            if self.training:
+                self.sn_u.copy_(F.normalize(torch.einsum("eio,ei->eo", self.weight, v), dim=1))  # [E, out]
+                v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)
         sigma = torch.einsum("ei,eio,eo->e", v, self.weight, self.sn_u)  # [E], differentiable in W
         return self.weight / sigma[:, None, None]
-
-    @torch.no_grad()
-    def power_iteration(self):
-        v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)  # [E, in]
-        self.sn_u.copy_(F.normalize(torch.einsum("eio,ei->eo", self.weight, v), dim=1))  # [E, out]
-
-    @torch.no_grad()
-    def converge_spectral_norm(self):
-        """Exact σ_max for the final weights: u = the top right singular vector (power iteration can need thousands
-        of steps when the top two singular values are close; 100 left one member at 1.009 on a GPU)."""
-        self.sn_u.copy_(torch.linalg.svd(self.weight, full_matrices=False).Vh[:, 0])  # [E, out]
 
 
 class EnsembleDynamics(nn.Module):
@@ -620,28 +600,24 @@ def adam(params, lr: float, device: torch.device, capturable: bool = False) -> t
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
 
 
-def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
-    """Speed, GPU only: these small networks are launch-bound (an eager SAC update is ~5 ms of tiny kernels), so record
-    fn's kernels once and replay them with one launch. fn must read and write only tensors that stay in place
-    (weights, optimizer states, buffers, fixed input tensors): then each call of the result is one more call of fn.
-    The first `warmup` calls run eagerly on a side stream (as torch asks before a capture; they also create the
-    optimizer states), the next one captures, and every call from then on replays. Outputs are the graph's own
-    tensors, overwritten by each replay."""
-    graph, stream, calls, out = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0], [None]
+def cuda_graph(fn: Callable[[], dict]) -> Callable[[], dict]:
+    """Speed, GPU only: these small networks are launch-bound, so record fn's kernels once and replay them in one
+    launch. fn must touch only tensors that stay in place (weights, optimizer states, buffers, fixed inputs); then
+    each call of the result is one more call of fn, and returns the graph's outputs, overwritten by each replay."""
+    graph, side, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), []
 
     def call():
-        calls[0] += 1
-        if calls[0] <= warmup:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                out[0] = fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            return out[0]
-        if calls[0] == warmup + 1:
-            with torch.cuda.graph(graph):  # records, runs nothing
-                out[0] = fn()
+        if len(outputs) < 3:  # warm-up calls run eagerly on a side stream, as torch asks before a capture
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs.append(fn())
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs[-1]
+        if len(outputs) == 3:
+            with torch.cuda.graph(graph):  # records the 4th call, runs nothing
+                outputs.append(fn())
         graph.replay()
-        return out[0]
+        return outputs[-1]
     return call
 
 
@@ -666,28 +642,25 @@ def select_elites(model: EnsembleDynamics, obs, act, target):
 
 def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer=None, state=None, save=None,
                    sigterm=()) -> dict:
-    """D5: bootstrap per member, holdout early stopping with per-member snapshots, then pick elites.
-    Preemptible: `save(state, stop)` gets everything that changes (with the model's weights, a checkpoint) after each
-    epoch, and with stop=True at the minibatch where a SIGTERM (non-empty `sigterm`) arrived; such a `state` passed
-    back continues the training where it stopped, to the same ensemble as an uninterrupted one (CPU, deterministic)."""
+    """D5: bootstrap per member, holdout early stopping with per-member snapshots, then pick elites. Preemptible:
+    `save(state, stop)` gets the training state after each epoch, and with stop=True at the minibatch where a SIGTERM
+    arrived (`sigterm` non-empty); passed back as `state`, it trains on to the same ensemble (CPU, deterministic)."""
     E, B = args.num_ensemble, args.dynamics_batch_size
     graph = getattr(args, "cuda_graph", False) and obs.is_cuda
     optimizer = dynamics_optimizer(model, args.dynamics_lr, capturable=graph)
     member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
     if state is None:
-        n = len(obs)
-        perm = torch.randperm(n, device=obs.device)
-        n_holdout = min(int(0.2 * n), args.holdout_size)
+        perm = torch.randperm(len(obs), device=obs.device)
+        n_holdout = min(int(0.2 * len(obs)), args.holdout_size)
         if n_holdout < 1:
-            raise ValueError(f"dataset of {n} transitions is too small to hold out any for early stopping")
+            raise ValueError(f"dataset of {len(obs)} transitions is too small to hold out any for early stopping")
         hold, train = perm[:n_holdout], perm[n_holdout:]
         inputs = torch.cat([obs[train], act[train]], dim=1)
         model.input_mean.copy_(inputs.mean(0))
         std = inputs.std(0, unbiased=False)  # np.std, as the authors' scaler
         model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
-        state = {"epoch": 0, "batch": 0, "epochs_since_update": 0, "hold": hold,
-                 "best": torch.full((E,), 1e10, device=obs.device), "loss_sum": torch.zeros((), device=obs.device),
-                 "snapshot": [p.detach().clone() for p in member_params],
+        state = {"epoch": 0, "batch": 0, "epochs_since_update": 0, "hold": hold, "loss_sum": obs.new_zeros(()),
+                 "best": obs.new_full((E,), 1e10), "snapshot": [p.detach().clone() for p in member_params],
                  "boot": train[torch.randint(len(train), (E, len(train)), device=obs.device)]}  # [E, N_train]
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -699,7 +672,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         loss.backward()
         optimizer.step()
         return loss.detach()
-    batch_idx = state["boot"][:, :B].clone()  # the graph's fixed input, refilled before each replay
+    batch_idx = state["boot"][:, :B].clone()  # the CUDA graph's fixed input, refilled before each replay
     fit_graph = cuda_graph(lambda: fit(batch_idx)) if graph else None
     bar = tqdm(desc="dynamics", unit="epoch", initial=state["epoch"], total=args.dynamics_max_epochs, disable=None)
     while True:
@@ -710,7 +683,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
             if sigterm:
                 save(state | {"batch": b, "optimizer": optimizer.state_dict()}, True)
             idx = state["boot"][:, b: b + B]  # [E, ≤B]
-            if fit_graph is not None and idx.shape[1] == B:
+            if graph and idx.shape[1] == B:
                 batch_idx.copy_(idx)
                 state["loss_sum"] += fit_graph()
             else:  # CPU, or the last, shorter minibatch
@@ -726,9 +699,8 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
                    "dynamics/holdout_mse": mse.mean().item()}
         state["loss_sum"] = torch.zeros_like(state["loss_sum"])
         check_finite(scalars, f"dynamics epoch {state['epoch']}", None)
-        if writer is not None:
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, state["epoch"])
+        for k, v in scalars.items() if writer is not None else ():
+            writer.add_scalar(k, v, state["epoch"])
         bar.update()
         bar.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}")
         if state["epochs_since_update"] > 5 or state["epoch"] == args.dynamics_max_epochs:
@@ -739,9 +711,9 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     with torch.no_grad():
         for p, s in zip(member_params, state["snapshot"]):
             p.copy_(s)
-    for layer in model.layers():  # D16: σ for the restored weights, so each layer is exactly 1-Lipschitz
-        if layer.spectral_norm:
-            layer.converge_spectral_norm()
+        for layer in model.layers():  # D16: exact σ for the restored weights (u = the top right singular vector)
+            if layer.spectral_norm:
+                layer.sn_u.copy_(torch.linalg.svd(layer.weight, full_matrices=False).Vh[:, 0])  # [E, out]
     mse = select_elites(model, obs[hold], act[hold], target[hold])
     stats = {"epochs": state["epoch"], "holdout_mse": mse.mean().item(), "member_holdout_mse": mse.tolist(),
              "elite_holdout_mse": mse[model.elites].mean().item()}
@@ -1034,7 +1006,7 @@ def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
     path = Path(args.resume) / "checkpoint.pt" if Path(args.resume).is_dir() else Path(args.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there; pass a run folder or its checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False) | {"run_dir": path.parent}
+    ckpt = {"phase": "policy", **torch.load(path, map_location="cpu", weights_only=False), "run_dir": path.parent}
     saved, defaults = Args(**ckpt["args"]), Args()
     ignored = [k for k, v in asdict(args).items()
                if k != "resume" and v != getattr(defaults, k) and v != getattr(saved, k)]
@@ -1056,18 +1028,30 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def policy_checkpoint(step: int, args: Args, results: dict, fingerprint: list, modules: dict, log_alpha,
-                      model_buffer: ReplayBuffer, device: torch.device) -> dict:
-    """Everything the policy phase needs to continue bit for bit (CPU): weights, optimizer states, α, the model
-    buffer, every RNG, the update counter and the evaluation history."""
-    return {"phase": "policy", "step": step, "args": asdict(args), "results": results, "data_fingerprint": fingerprint,
-            **{k: v.state_dict() for k, v in modules.items()}, "log_alpha": log_alpha.detach(),
-            "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
-            "rng": rng_state(device)}
+def save_dynamics_training(run_dir: Path, args: Args, fingerprint: list, dynamics: EnsembleDynamics,
+                           device: torch.device, training: dict, stop: bool) -> None:
+    """During model learning, checkpoint.pt holds the ensemble, the whole state of `train_dynamics` and every RNG;
+    on a SIGTERM (stop) the run ends there."""
+    atomic_save(run_dir / "checkpoint.pt", {"phase": "dynamics", "args": asdict(args), "data_fingerprint": fingerprint,
+                                            "dynamics": dynamics.state_dict(), "training": training,
+                                            "rng": rng_state(device)})
+    if stop:
+        preempted(run_dir, f"dynamics epoch {training['epoch'] + 1}")
+
+
+def save_policy_training(run_dir: Path, args: Args, fingerprint: list, modules: dict, log_alpha,
+                         model_buffer: ReplayBuffer, device: torch.device, results: dict, step: int) -> None:
+    """During policy learning, checkpoint.pt holds weights, optimizer states, α, the model buffer, every RNG, the
+    update counter and the evaluation history: enough to continue bit for bit (CPU)."""
+    atomic_save(run_dir / "checkpoint.pt", {
+        "phase": "policy", "step": step, "args": asdict(args), "results": results, "data_fingerprint": fingerprint,
+        **{k: v.state_dict() for k, v in modules.items()}, "log_alpha": log_alpha.detach(),
+        "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
+        "rng": rng_state(device)})
 
 
 def restore(ckpt: dict, modules: dict, log_alpha, model_buffer: ReplayBuffer, device: torch.device) -> None:
-    """The inverse of `policy_checkpoint`, in place (before any CUDA graph is captured over these tensors)."""
+    """The inverse of `save_policy_training`, in place (before any CUDA graph is captured over these tensors)."""
     for k, v in modules.items():
         v.load_state_dict(ckpt[k])
     with torch.no_grad():
@@ -1083,21 +1067,63 @@ def preempted(run_dir: Path, where: str):
     raise SystemExit(143)
 
 
+def load_real_data(task: Task, args: Args, env: gym.Env, device: torch.device, ckpt: Optional[dict]):
+    """The dataset as the real replay buffer on the training device (its one copy), and its fingerprint
+    [rows, reward sum], which a resumed run must match."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    data = get_dataset(task, args.dataset_path, obs_dim, act_dim)
+    fingerprint = [len(data["rewards"]), float(data["rewards"].sum(dtype=np.float64))]
+    if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
+        raise ValueError(f"the dataset changed since the checkpoint ({ckpt['data_fingerprint']} vs {fingerprint} as "
+                         f"[rows, reward sum]); resume needs the same data")
+    real = ReplayBuffer(fingerprint[0], obs_dim, act_dim, device)
+    real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
+                       ("observations", "actions", "rewards", "next_observations", "terminals"))))
+    print(f"dataset: {real.size} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
+    return real, fingerprint
+
+
+def make_sac(env: gym.Env, args: Args, device: torch.device, capturable: bool):
+    """Actor, twin critics, their frozen targets, log α, and an Adam for each (D13)."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high).to(device)
+    qf, qf_target = TwinQ(obs_dim, act_dim).to(device), TwinQ(obs_dim, act_dim).to(device)
+    qf_target.load_state_dict(qf.state_dict())
+    qf_target.requires_grad_(False)
+    log_alpha = torch.full((), math.log(args.alpha), device=device, requires_grad=True)
+    q_opt = adam(qf.parameters(), args.q_lr, device, capturable)
+    actor_opt = adam(actor.parameters(), args.policy_lr, device, capturable)
+    return actor, qf, qf_target, log_alpha, q_opt, actor_opt, adam([log_alpha], args.alpha_lr, device, capturable)
+
+
+def make_writer(args: Args, run_dir: Path, purge_step: Optional[int]) -> SummaryWriter:
+    """TensorBoard in the run folder (x-axis: gradient updates), mirrored to wandb with --track."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, name=run_dir.name,
+                   config=vars(args), id=run_dir.name.replace("/", "-"), resume="allow", save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
 def log_scalars(writer: SummaryWriter, scalars: dict, step: int, last_checkpoint: Path) -> None:
     check_finite(scalars, f"update {step}", last_checkpoint)
     for k, v in scalars.items():
         writer.add_scalar(k, v, step)
 
 
-def report_evaluation(writer: SummaryWriter, bar: tqdm, summary: dict, epoch: int, step: int) -> None:
-    """TensorBoard's eval/ scalars and one printed line per evaluation."""
+def record_evaluation(writer: SummaryWriter, results: dict, summary: dict, epoch: int, step: int) -> None:
+    """eval/ scalars, one printed line, and the evaluation appended to `results` (saved as results.json)."""
     for k, v in summary.items():
         writer.add_scalar(f"eval/{k}", v, step)
-    line = f"epoch {epoch} step {step}: return {summary['return']:.1f} ± {summary['return_std']:.1f}"
-    if "normalized_score" in summary:
-        line += f", normalized {summary['normalized_score']:.1f} ± {summary['normalized_score_std']:.1f}"
-        bar.set_postfix(score=f"{summary['normalized_score']:.1f}")
-    tqdm.write(line + f"; in the model {summary['model_return']:.1f}, penalized {summary['penalized_model_return']:.1f}")
+    shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return") if k in summary]
+    tqdm.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
+                                                           for k in shown))
+    results["evaluations"].append({"step": step, "epoch": epoch, **summary})
+    results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
 
 
 def main(args: Args) -> dict:
@@ -1118,95 +1144,62 @@ def main(args: Args) -> dict:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         device = pick_device(args)
         graph = args.cuda_graph and device.type == "cuda"
-
         env = make_env(task)
-        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-        data = get_dataset(task, args.dataset_path, obs_dim, act_dim)
-        fingerprint = [len(data["rewards"]), float(data["rewards"].sum(dtype=np.float64))]
-        if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
-            raise ValueError(f"the dataset changed since the checkpoint ({ckpt['data_fingerprint']} vs {fingerprint} "
-                             f"as [rows, reward sum]); resume needs the same data")
-        real = ReplayBuffer(fingerprint[0], obs_dim, act_dim, device)
-        real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
-                           ("observations", "actions", "rewards", "next_observations", "terminals"))))
-        del data  # the buffer is the one copy of the dataset from here on
-        print(f"dataset: {real.size} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
-        dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
+        real, fingerprint = load_real_data(task, args, env, device, ckpt)
+        dynamics = EnsembleDynamics(*real.fields[:2], args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
                                     args.spectral_norm).to(device)
         if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
             dyn_stats = load_dynamics(args.dynamics_path, dynamics, args.env_id)
         run_dir = ckpt["run_dir"] if ckpt is not None else Path("runs") / (f"{args.env_id}__{args.exp_name}__"
                                                                             f"{args.seed}__{int(time.time())}")
         run_dir.mkdir(parents=True, exist_ok=ckpt is not None)  # never write into another run's folder
-        ckpt_file, resumed = run_dir / "checkpoint.pt", ckpt is not None and ckpt["phase"] == "policy"
+        resumed = ckpt is not None and ckpt["phase"] == "policy"
         start_step = ckpt["step"] if resumed else 0
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, name=run_dir.name,
-                       config=vars(args), id=run_dir.name.replace("/", "-"), resume="allow", save_code=True)
-        writer = SummaryWriter(str(run_dir), purge_step=start_step if resumed else None)
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        writer = make_writer(args, run_dir, purge_step=start_step if resumed else None)
 
         # Model learning (Alg. 2, line 1): independent of λ, h and SAC, so it can be trained once and reused
-        def save_dynamics_training(state: dict, stop: bool) -> None:
-            atomic_save(ckpt_file, {"phase": "dynamics", "args": asdict(args), "data_fingerprint": fingerprint,
-                                    "dynamics": dynamics.state_dict(), "training": state, "rng": rng_state(device)})
-            if stop:
-                preempted(run_dir, f"dynamics epoch {state['epoch'] + 1}")
         if ckpt is not None:
             dynamics.load_state_dict(ckpt["dynamics"])
+            set_rng_state(ckpt["rng"], device)
         if resumed:
             dyn_stats = ckpt["results"]["dynamics"]
         else:
             if args.dynamics_path is None:
-                if ckpt is not None:
-                    set_rng_state(ckpt["rng"], device)
-                dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer,
-                                           ckpt and ckpt["training"], save_dynamics_training, sigterm)
+                save = partial(save_dynamics_training, run_dir, args, fingerprint, dynamics, device)
+                dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer, ckpt and ckpt["training"],
+                                           save, sigterm)
             atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
                                                   "env_id": args.env_id, "stats": dyn_stats})
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
               f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
 
         # Policy optimization on the penalized MDP (Alg. 2, lines 2-9)
-        actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high).to(device)
-        qf = TwinQ(obs_dim, act_dim).to(device)
-        qf_target = TwinQ(obs_dim, act_dim).to(device)
-        qf_target.load_state_dict(qf.state_dict())
-        qf_target.requires_grad_(False)
-        log_alpha = torch.full((), math.log(args.alpha), device=device, requires_grad=True)
-        q_opt = adam(qf.parameters(), args.q_lr, device, capturable=graph)
-        actor_opt = adam(actor.parameters(), args.policy_lr, device, capturable=graph)
-        alpha_opt = adam([log_alpha], args.alpha_lr, device, capturable=graph)
-        model_rows = args.model_retain_epochs * args.rollout_batch_size * h if args.real_ratio < 1 else 1  # D9, D10
-        model_buffer = ReplayBuffer(model_rows, obs_dim, act_dim, device)
-        termination_fn = TERMINATION_FNS[task.family]
-        eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        # the evaluated policy and the model it is gauged in run on CPU twins: no GPU round trip per episode step
-        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
-        horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
+        actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt = sac = make_sac(env, args, device, graph)
         modules = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": q_opt,
                    "actor_opt": actor_opt, "alpha_opt": alpha_opt}
+        model_rows = args.model_retain_epochs * args.rollout_batch_size * h if args.real_ratio < 1 else 1  # D9, D10
+        model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
+        termination_fn = TERMINATION_FNS[task.family]
+        eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
+        # the evaluated policy, and the model it is gauged in, run on CPU twins: no GPU round trip per episode step
+        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
+        horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
+        results = ckpt["results"] if resumed else {
+            "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
+            "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [], "args": asdict(args)}
+        save = partial(save_policy_training, run_dir, args, fingerprint, modules, log_alpha, model_buffer, device,
+                       results)
         if resumed:
-            results = ckpt["results"]
             restore(ckpt, modules, log_alpha, model_buffer, device)
             print(f"resumed {run_dir} at update {start_step}")
         else:
-            results = {"env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name":
-                       run_dir.name, "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS},
-                       "evaluations": [], "args": asdict(args)}
-            atomic_save(ckpt_file, policy_checkpoint(0, args, results, fingerprint, modules, log_alpha, model_buffer,
-                                                     device))
+            save(step=0)
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
-            batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
-            return sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args)
+            return sac_update(real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio)), *sac, args)
         if graph:  # the same update, recorded once and replayed (benchmarks/speed.py: ~6× faster on a GPU)
             update = cuda_graph(update)
-        total_updates = args.epochs * args.steps_per_epoch
-        start_time = time.time()
+        total_updates, start_time = args.epochs * args.steps_per_epoch, time.time()
         bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd", disable=None)  # a terminal only
         for step in range(start_step, total_updates):
             global_step = step + 1
@@ -1216,7 +1209,7 @@ def main(args: Args) -> dict:
                 model_buffer.add(rows)
                 log_scalars(writer, {f"rollout/{k}": v.item() for k, v in stats.items()} | {
                     "rollout/transitions": len(rows), "rollout/model_buffer_size": model_buffer.size},
-                    global_step, ckpt_file)
+                    global_step, run_dir / "checkpoint.pt")
 
             info = update()
 
@@ -1225,21 +1218,17 @@ def main(args: Args) -> dict:
             if global_step % args.log_freq == 0 or checkpoint_now:  # the only host syncs of the update loop
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 log_scalars(writer, {k: float(v) for k, v in info.items()} | {"charts/SPS": sps}, global_step,
-                            ckpt_file)
+                            run_dir / "checkpoint.pt")
                 bar.update(global_step - bar.n)
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
                 eval_actor.load_state_dict(actor.state_dict())
                 episodes, start = evaluate(eval_actor, eval_envs, seed=args.seed + global_step)
                 episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
-                                          horizon, lam, args.penalty, termination_fn)  # Theorem 4.4's gauge
-                summary = summarize(task, episodes)
-                report_evaluation(writer, bar, summary, epoch, global_step)
-                results["evaluations"].append({"step": global_step, "epoch": epoch, **summary})
-                results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
+                                          horizon, lam, args.penalty, termination_fn)  # Theorem 4.4's gauge (D17)
+                record_evaluation(writer, results, summarize(task, episodes), epoch, global_step)
                 atomic_save(run_dir / "results.json", results)
             if checkpoint_now:
-                atomic_save(ckpt_file, policy_checkpoint(global_step, args, results, fingerprint, modules, log_alpha,
-                                                         model_buffer, device))
+                save(step=global_step)
             if sigterm:
                 writer.close()
                 preempted(run_dir, f"update {global_step}")
@@ -1249,17 +1238,11 @@ def main(args: Args) -> dict:
         if args.save_model:
             atomic_save(run_dir / "model.pt", {k: v.state_dict() for k, v in modules.items() if "opt" not in k}
                         | {"log_alpha": log_alpha.detach()})
-        atomic_save(ckpt_file, policy_checkpoint(total_updates, args, results, fingerprint, modules, log_alpha,
-                                                 model_buffer, device))
+        save(step=total_updates)
         atomic_save(run_dir / "results.json", results)
         print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
-        eval_envs.close()
-        env.close()
-        writer.close()
-        if args.track:
-            import wandb
-
-            wandb.finish()
+        for resource in (eval_envs, env, writer):
+            resource.close()
         return results
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
