@@ -177,7 +177,7 @@ def plan(args: Args) -> list:
         raise SystemExit(f"error: the sweep sets {taken} itself (--env-ids, --seeds, --lams, --rollout-lengths)")
     root = Path(args.sweep_dir).resolve()
     parallel = args.gpus * args.runs_per_gpu or args.max_parallel
-    threads = args.cpus_per_job if on_slurm(args) else max(1, (os.cpu_count() or 1) // parallel)
+    threads = args.cpus_per_job if on_slurm(args) else max(1, len(os.sched_getaffinity(0)) // parallel)
     jobs = []
     for env_id in args.env_ids:
         for seed in args.seeds:
@@ -229,7 +229,7 @@ def submit_slurm(args: Args, todo: list, folder: Path) -> None:
 def run_local(args: Args, todo: list, folder: Path) -> list:
     """The local executor starts every job it is given at once and knows no dependencies, so this loop is the queue:
     at most one run per slot (a GPU id repeated --runs-per-gpu times, or --max-parallel CPU slots), and a stage-2 job
-    starts once its model is trained. Returns the working directories that failed."""
+    starts once its model's dynamics.pt is saved (whole: mopo.py writes it atomically). Returns the failed jobs."""
     executor = submitit.LocalExecutor(folder, max_num_timeout=args.max_timeouts)
     executor.update_parameters(timeout_min=args.timeout_min, signal_delay_s=args.signal_delay_s,
                                stderr_to_stdout=True)
