@@ -793,7 +793,7 @@ def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: 
         alive &= ~done
         if not alive.any():
             break
-    return {"model_return": ret, "penalized_model_return": penalized, "model_length": length}
+    return {"model_return": ret.cpu(), "penalized_model_return": penalized.cpu(), "model_length": length.cpu()}
 
 
 # === 6. SAC (Haarnoja et al. 2018, as in softlearning; D13) ===
@@ -1181,8 +1181,7 @@ def main(args: Args) -> dict:
         model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
         termination_fn = TERMINATION_FNS[task.family]
         eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        # the evaluated policy, and the model it is gauged in, run on CPU twins: no GPU round trip per episode step
-        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
+        eval_actor = copy.deepcopy(actor).cpu()  # the env loop's policy: a CPU twin, no GPU round trip per step
         horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
@@ -1223,7 +1222,7 @@ def main(args: Args) -> dict:
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
                 eval_actor.load_state_dict(actor.state_dict())
                 episodes, start = evaluate(eval_actor, eval_envs, seed=args.seed + global_step)
-                episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
+                episodes |= model_returns(actor, dynamics, torch.as_tensor(start, dtype=torch.float32, device=device),
                                           horizon, lam, args.penalty, termination_fn)  # Theorem 4.4's gauge (D17)
                 record_evaluation(writer, results, summarize(task, episodes), epoch, global_step)
                 atomic_save(run_dir / "results.json", results)
