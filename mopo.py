@@ -927,17 +927,12 @@ class TaskEnv(gym.Wrapper):
 
 
 def summarize(task: Task, episodes: dict) -> dict:
-    """Mean and std over episodes of each per-episode array in `episodes` ({name: [N]}: return, length, ...) and,
-    where the task has reference scores, of the per-episode normalized scores (normalizing a std would subtract the
-    min score from a spread)."""
+    """Mean and `_std` over episodes of each per-episode array in `episodes` (return, length, ...) and, where the task
+    has reference scores, of the per-episode normalized score (normalizing a std would subtract the min score)."""
     if task.ref_min is not None:
-        episodes = episodes | {"normalized_score": 100.0 * (episodes["return"] - task.ref_min) / (task.ref_max -
-                                                                                               task.ref_min)}
-    out = {}
-    for k, v in episodes.items():
-        v = np.asarray(v, dtype=np.float64)
-        out |= {k: float(v.mean()), f"{k}_std": float(v.std())}
-    return out
+        episodes |= {"normalized_score": 100 * (episodes["return"] - task.ref_min) / (task.ref_max - task.ref_min)}
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}
+    return {k: float(v.mean()) for k, v in arrays.items()} | {f"{k}_std": float(v.std()) for k, v in arrays.items()}
 
 
 @torch.no_grad()
@@ -1127,8 +1122,8 @@ def record_evaluation(writer: SummaryWriter, results: dict, summary: dict, epoch
 
 
 def main(args: Args) -> dict:
-    sigterm = []  # a scheduler's SIGTERM (preemption, time limit), from the first second: checkpoint, then exit 143
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
+    sigterm = []  # a scheduler's SIGTERM (preemption, time limit) or Ctrl-C, from the start: checkpoint, exit 143
+    previous = {s: signal.signal(s, lambda signum, _: sigterm.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         args, ckpt = read_checkpoint(args)
         check_args(args)
@@ -1195,7 +1190,8 @@ def main(args: Args) -> dict:
             save(step=0)
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
-            return sac_update(real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio)), *sac, args)
+            batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
+            return sac_update(batch, *sac, args)
         if graph:  # the same update, recorded once and replayed (benchmarks/speed.py: ~6× faster on a GPU)
             update = cuda_graph(update)
         total_updates, start_time = args.epochs * args.steps_per_epoch, time.time()
@@ -1209,9 +1205,7 @@ def main(args: Args) -> dict:
                 log_scalars(writer, {f"rollout/{k}": v.item() for k, v in stats.items()} | {
                     "rollout/transitions": len(rows), "rollout/model_buffer_size": model_buffer.size},
                     global_step, run_dir / "checkpoint.pt")
-
             info = update()
-
             epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
             checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(sigterm)
             if global_step % args.log_freq == 0 or checkpoint_now:  # the only host syncs of the update loop
@@ -1244,7 +1238,8 @@ def main(args: Args) -> dict:
             resource.close()
         return results
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
