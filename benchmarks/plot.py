@@ -41,15 +41,19 @@ class Args:
 
 
 def find_runs(paths):
-    """(run folder, results.json contents) for each run folder in `paths`."""
+    """(run folder, results.json contents) for each run folder in `paths`; a half-written file is skipped, and said."""
     for path in map(Path, paths):
         if (path / "results.json").is_file():
-            yield path, json.loads((path / "results.json").read_text())
+            files = [path / "results.json"]
         elif path.is_dir():
-            for file in sorted(path.glob("*/results.json")):
-                yield file.parent, json.loads(file.read_text())
+            files = sorted(path.glob("*/results.json"))
         else:
             raise FileNotFoundError(f"{path}: neither a run folder (with results.json) nor a folder of runs")
+        for file in files:
+            try:
+                yield file.parent, json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                print(f"skipped {file}: not valid JSON ({e})")
 
 
 def find_results(paths):
@@ -62,7 +66,8 @@ def curves(results, label_by):
     grouped = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r["evaluations"]:
-            label = f"{label_by}={r['args'].get(label_by)}" if label_by else r["env_id"]
+            value = r[label_by] if label_by in ("lam", "rollout_length") else r["args"].get(label_by)  # as used
+            label = f"{label_by}={value}" if label_by else r["env_id"]
             grouped[r["env_id"]][label].append(r["evaluations"])
     out = defaultdict(dict)
     for env_id, by_label in grouped.items():

@@ -116,3 +116,17 @@ def test_gauge_without_any_gauge_run_is_a_clear_error(tmp_path):
     write_gauge_run(tmp_path, "old", old_evals([1, 2]))
     with pytest.raises(SystemExit, match="no run has the gauge keys"):
         plot.main(plot.Args(runs=(str(tmp_path),), out=str(tmp_path / "gauge.png"), gauge=True))
+
+
+def test_half_written_results_are_skipped_and_lam_labels_show_the_value_used(tmp_path, capsys):
+    write_run(tmp_path, "hopper-medium-v2", 1, [1, 2])
+    run = tmp_path / "hopper-medium-v2__mopo__1__0"
+    results = json.loads((run / "results.json").read_text())
+    results["lam"], results["args"]["lam"] = 5.0, None  # the task default: the flag was not given
+    (run / "results.json").write_text(json.dumps(results))
+    broken = tmp_path / "hopper-medium-v2__mopo__2__0"
+    broken.mkdir()
+    (broken / "results.json").write_text('{"env_id": "hopper-medium-v2", "evalu')  # a run killed mid-write
+    curves = plot.curves(list(plot.find_results([str(tmp_path)])), "lam")
+    assert list(curves["hopper-medium-v2"]) == ["lam=5.0"]
+    assert f"skipped {broken / 'results.json'}" in capsys.readouterr().out
