@@ -1,9 +1,10 @@
 """How fast are mopo.py's three loops? Each measured as the program runs it, next to the bare compute of the same
-networks on pre-made tensors, in the same process.
+networks on pre-made tensors, in the same process; then what an evaluation costs, and (on request) a measured
+stretch of `mopo.main` and a projection of a full D4RL-sized run from the measured parts.
 
-    python benchmarks/speed.py --threads 1            # CPU, ~2-3 min
+    python benchmarks/speed.py --threads 1            # CPU, ~3 min
     python benchmarks/speed.py --threads 2 --out speed_2threads.json
-    python benchmarks/speed.py --device cuda          # on a GPU machine
+    python benchmarks/speed.py --device cuda --dynamics-to-early-stop   # on a GPU machine: eager and CUDA graph
     python benchmarks/speed.py --dataset-size 1000000 # D4RL-sized data
 
 Loops (hopper dims: obs 11, act 3; the dataset is generated from Hopper-v4 with random actions):
@@ -15,17 +16,48 @@ Loops (hopper dims: obs 11, act 3; the dataset is generated from Hopper-v4 with 
 - SAC update: batch sampling (`sample_mixed`, real_ratio 0.05) + `sac_update`; bare = `sac_update` on one pre-made
   batch.
 - MOPO phase: `--rollout-freq` updates plus one rollout round, as in `main` → updates/s.
-- evaluation: one `evaluate` call (10 episodes, vector env), reported separately.
-Peak memory: max RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA.
+On CUDA each loop also runs as `main` runs it with `--cuda-graph` (the default there): the SAC update recorded once by
+`mopo.cuda_graph` (its own actor, critics and capturable Adams) and replayed; the dynamics epoch with a graph per full
+minibatch (a call captures once, so the marginal cost of an epoch, from a 1- and a 3-epoch call, is given too). The
+"mopo.py" column of the first table is then the eager path (`--no-cuda-graph`).
+
+Evaluation (as `main` runs it: 10 episodes side by side in a SyncVectorEnv, the policy on a CPU twin; then Theorem
+4.4's gauge `model_returns` on the training modules, from the episodes' start states, up to 1000 steps):
+- hopper, with the benchmark's actor (short episodes: its policy falls at once);
+- full length: HalfCheetah (`halfcheetah-medium-v2`'s env never terminates: 10 × 1000 steps) with a random-init actor,
+  and the gauge for 1000 steps in an ensemble of HalfCheetah's dims (random init, mean head zeroed so that 1000 model
+  steps stay finite: same compute), on CPU twins and, on CUDA, on the GPU modules; also the same 10 episodes in an
+  AsyncVectorEnv (forkserver; its workers re-import this script, as they would mopo.py), for information;
+- one policy checkpoint write (weights, optimizer states, the full model buffer), as `main` writes every 10 epochs.
+
+`--e2e-epochs N` (default 20 on CUDA, 0 = skip on CPU): `mopo.main` on hopper-medium-v2 with the generated data and
+an ensemble trained here (`--dynamics-path`), N epochs of 1,000 updates, 10 evaluation episodes every epoch, all other
+settings default, in a temporary folder; on CUDA once with CUDA graphs and once eager (`--skip-eager-e2e`;
+`--e2e-eager-epochs`); `--budget-s` shortens (or skips) either run to end in time. Its wall time is measured around `main`; its parts by timing
+mopo's own `rollout`, `evaluate`, `model_returns` and `atomic_save` as `main` calls them (wrapped, device synced):
+policy phase = first rollout to the end of `main`; updates/s excludes evaluations and checkpoint writes.
+
+Projection of a D4RL-sized run (1M transitions, 1M updates, 10 episodes every 1,000 updates, checkpoint every 10
+epochs, dynamics to early stopping) from the measured parts; with `--dynamics-to-early-stop` the ensemble is also
+trained to early stopping on the generated data (its epoch count stands in for E; capped by `--early-stop-max-s`).
+Peak memory: max RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA (after the loops).
 """
 
+import copy
+import functools
 import json
+import math
+import multiprocessing
+import os
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import gymnasium as gym
 import torch
@@ -37,6 +69,9 @@ sys.path.insert(0, str(HERE))
 import mopo  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
+FULL_RUN = {"transitions": 1_000_000, "updates": 1_000_000, "evaluations": 1000, "checkpoints": 100,
+            "budget_s": 1800}  # D4RL-sized: 1,000 epochs of 1,000 updates, eval every epoch, checkpoint every 10
+
 
 @dataclass
 class Args:
@@ -46,6 +81,8 @@ class Args:
     """torch device"""
     dataset_size: int = 100_000
     """transitions in the generated hopper dataset"""
+    dataset_path: Optional[str] = None
+    """a hopper file (benchmarks/make_dataset.py) to use instead of generating one; made there if missing"""
     rollout_batch_size: int = 50_000
     """start states per rollout round"""
     rollout_length: int = 5
@@ -54,10 +91,28 @@ class Args:
     """updates per rollout round in the MOPO-phase measurement"""
     sac_updates: int = 300
     """timed SAC updates (after warm-up)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    gauge_horizon: int = 1000
+    """steps of the gauge's model episodes (main: the env's horizon, 1000)"""
+    async_eval: bool = True
+    """also time the full-length evaluation in gymnasium's AsyncVectorEnv (forkserver; informational)"""
+    dynamics_to_early_stop: bool = False
+    """also train an ensemble on the dataset until early stopping (dynamics_max_epochs None): its epochs and time"""
+    early_stop_max_s: float = 90.0
+    """stop that training after this many seconds (reported as not converged)"""
+    e2e_epochs: Optional[int] = None
+    """epochs of the end-to-end `mopo.main` run (default: 20 on CUDA, 0 = none on CPU)"""
+    e2e_eager_epochs: Optional[int] = None
+    """epochs of the eager end-to-end run on CUDA (default: --e2e-epochs)"""
+    skip_eager_e2e: bool = False
+    """on CUDA, run the end-to-end segment only with CUDA graphs"""
+    budget_s: Optional[float] = None
+    """the script's own time limit: the eager end-to-end run is shortened (or skipped) to end by then"""
     seed: int = 0
     """seed"""
     out: str = "speed.json"
-    """where the JSON goes"""
+    """where the JSON goes (rewritten after each part)"""
 
 
 def sync(device):
@@ -80,23 +135,58 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+@contextmanager
+def optional(results, part):
+    """A part whose failure must not cost the rest (one GPU run brings back all it can): its error is printed and
+    kept in results["errors"]."""
+    try:
+        yield
+    except Exception as e:
+        traceback.print_exc()
+        results.setdefault("errors", {})[part] = repr(e)
+
+
+def sac_modules(obs_dim, act_dim, device, capturable=False):
+    """Actor, critics, target critics, log α and their three fused Adams, as `main` builds them."""
+    actor = mopo.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim)).to(device)
+    qf, qf_target = mopo.TwinQ(obs_dim, act_dim).to(device), mopo.TwinQ(obs_dim, act_dim).to(device)
+    qf_target.load_state_dict(qf.state_dict())
+    qf_target.requires_grad_(False)
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    opts = tuple(mopo.adam(p, 3e-4, device, capturable) for p in (qf.parameters(), actor.parameters(), [log_alpha]))
+    return actor, qf, qf_target, log_alpha, opts
+
+
 def main(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    margs = mopo.Args(env_id="hopper-medium-v2", dynamics_max_epochs=1, rollout_batch_size=args.rollout_batch_size,
-                      rollout_length=args.rollout_length, rollout_freq=args.rollout_freq)
-    task = mopo.make_task(margs.env_id)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "hopper_random.hdf5"
+        return run(args, device, Path(tmp))
+
+
+def run(args: Args, device: torch.device, tmp: Path) -> dict:
+    began = time.perf_counter()
+    cuda = device.type == "cuda"
+    margs = mopo.Args(env_id="hopper-medium-v2", dynamics_max_epochs=1, rollout_batch_size=args.rollout_batch_size,
+                      rollout_length=args.rollout_length, rollout_freq=args.rollout_freq, cuda_graph=False)
+    task = mopo.make_task(margs.env_id)
+    path = Path(args.dataset_path).resolve() if args.dataset_path else tmp / "hopper_random.hdf5"
+    if not path.exists():
         make_dataset(path, "Hopper-v4", args.dataset_size, seed=args.seed)
-        data = mopo.load_dataset(path, 11, 3)
+    data = mopo.load_dataset(path, 11, 3)
     obs_dim, act_dim, h = 11, 3, args.rollout_length
     real = mopo.ReplayBuffer(len(data["observations"]), obs_dim, act_dim, device)
     real.add(mopo.to_rows(*(torch.as_tensor(data[k], device=device) for k in
                             ("observations", "actions", "rewards", "next_observations", "terminals"))))
     results = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-               "dataset_size": args.dataset_size, "cpu": platform_name()}
+               "dataset_size": real.size, "cpu": platform_name(),
+               "gpu": torch.cuda.get_device_name(device) if cuda else None}
+    del data
+
+    def save(part):
+        print(f"[{time.perf_counter() - began:6.1f} s] {part} done", flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
     # --- dynamics epoch -------------------------------------------------------------------------------------------
     dynamics = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
@@ -120,9 +210,19 @@ def main(args: Args) -> dict:
     bare_step_s, _ = timed(bare_step, device, 50)
     results["dynamics_epoch"] = {"s": seconds, "bare_s": bare_step_s * steps, "steps": steps,
                                  "ratio_bare_over_ours": bare_step_s * steps / seconds}
+    if cuda:  # the same epoch with a CUDA graph per full minibatch; each call captures once, so also 3 epochs
+        with optional(results, "dynamics epoch, CUDA graph"):
+            gargs, fresh = replace(margs, cuda_graph=True), lambda: mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
+            mopo.train_dynamics(fresh(), obs[:5000], act[:5000], target[:5000], gargs)  # warm-up: graph memory pool
+            one, _ = timed(lambda: mopo.train_dynamics(fresh(), obs, act, target, gargs), device)
+            three, _ = timed(lambda: mopo.train_dynamics(fresh(), obs, act, target,
+                                                         replace(gargs, dynamics_max_epochs=3)), device)
+            results["dynamics_epoch"] |= {"graph_s": one, "graph_marginal_s": (three - one) / 2,
+                                          "graph_3_epochs_s": three, "eager_over_graph": seconds / one}
+    save("dynamics epoch")
 
     # --- rollout round ----------------------------------------------------------------------------------------------
-    actor = mopo.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim)).to(device)
+    actor, qf, qf_target, log_alpha, opts = sac_modules(obs_dim, act_dim, device)
     start_obs = real.split(real.sample(args.rollout_batch_size))[0]
     roll = lambda: mopo.rollout(actor, dynamics, start_obs, h, 1.0, "aleatoric", mopo.hopper_done)  # noqa: E731
     timed(lambda: mopo.rollout(actor, dynamics, start_obs[:4096], h, 1.0, "aleatoric", mopo.hopper_done), device)
@@ -137,49 +237,287 @@ def main(args: Args) -> dict:
     bare_s, _ = timed(bare_rollout, device)
     results["rollout_round"] = {"s": seconds, "transitions": len(rows), "transitions_per_s": len(rows) / seconds,
                                 "bare_s": bare_s, "ratio_bare_over_ours": bare_s / seconds}
+    save("rollout round")
 
     # --- SAC update ---------------------------------------------------------------------------------------------------
     model_buffer = mopo.ReplayBuffer(margs.model_retain_epochs * args.rollout_batch_size * h, obs_dim, act_dim, device)
     while model_buffer.size < model_buffer.capacity:
         model_buffer.add(rows)
-    qf, qf_target = mopo.TwinQ(obs_dim, act_dim).to(device), mopo.TwinQ(obs_dim, act_dim).to(device)
-    qf_target.load_state_dict(qf.state_dict())
-    qf_target.requires_grad_(False)
-    log_alpha = torch.zeros((), device=device, requires_grad=True)
-    fused = mopo.fused_adam(device)
-    opts = (torch.optim.Adam(qf.parameters(), lr=3e-4, fused=fused), torch.optim.Adam(actor.parameters(), lr=3e-4,
-            fused=fused), torch.optim.Adam([log_alpha], lr=3e-4, fused=fused))
-
-    def update():
-        batch = real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))
-        return mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, margs)
-    fixed = real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))
+    sample = lambda: real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))  # noqa: E731
+    update = lambda: mopo.sac_update(sample(), actor, qf, qf_target, log_alpha, *opts, margs)  # noqa: E731
+    fixed = sample()
     timed(update, device, 20)
     seconds, _ = timed(update, device, args.sac_updates)
     bare_s, _ = timed(lambda: mopo.sac_update(fixed, actor, qf, qf_target, log_alpha, *opts, margs), device,
                       args.sac_updates)
     results["sac_update"] = {"ms": seconds * 1e3, "bare_ms": bare_s * 1e3, "ratio_bare_over_ours": bare_s / seconds}
+    if cuda:  # main's graph path: its own modules and capturable Adams, the same update recorded once and replayed
+        with optional(results, "SAC update, CUDA graph"):
+            g_actor, *g_rest = sac_modules(obs_dim, act_dim, device, capturable=True)
+            g_update = mopo.cuda_graph(lambda: mopo.sac_update(sample(), g_actor, *g_rest[:3], *g_rest[3], margs))
+            timed(g_update, device, 20)  # 3 eager calls on a side stream, the capture, 16 replays
+            g_seconds, _ = timed(g_update, device, args.sac_updates)
+            results["sac_update"] |= {"graph_ms": g_seconds * 1e3, "eager_over_graph": seconds / g_seconds}
+    save("SAC update")
 
     # --- MOPO phase: rollout_freq updates + one rollout round -------------------------------------------------------
-    def phase():
+    def phase(roll, update):
         rows, _ = roll()
         model_buffer.add(rows)
         for _ in range(args.rollout_freq):
             update()
-    seconds, _ = timed(phase, device)
+    seconds, _ = timed(lambda: phase(roll, update), device)
     bare_phase = results["rollout_round"]["bare_s"] + args.rollout_freq * bare_s
     results["mopo_phase"] = {"updates_per_s": args.rollout_freq / seconds, "bare_updates_per_s":
                              args.rollout_freq / bare_phase, "ratio_ours_over_bare": bare_phase / seconds}
-
-    # --- evaluation ------------------------------------------------------------------------------------------------
-    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * 10)
-    seconds, returns = timed(lambda: mopo.evaluate(actor, envs, seed=0), device)
-    results["evaluation"] = {"s": seconds, "episodes": 10, "mean_return": float(returns.mean())}
+    if "graph_ms" in results["sac_update"]:  # rollouts from the graph path's actor, as in main
+        with optional(results, "MOPO phase, CUDA graph"):
+            g_roll = lambda: mopo.rollout(g_actor, dynamics, start_obs, h, 1.0, "aleatoric",  # noqa: E731
+                                          mopo.hopper_done)
+            g_seconds, _ = timed(lambda: phase(g_roll, g_update), device)
+            results["mopo_phase"] |= {"graph_updates_per_s": args.rollout_freq / g_seconds,
+                                      "graph_over_eager": seconds / g_seconds}
     results["peak_memory_mb"] = peak_memory_mb(device)
     results["dynamics_stats"] = stats
+    save("MOPO phase")
+
+    # --- evaluation -------------------------------------------------------------------------------------------------
+    evaluation_costs(args, task, actor, dynamics, device, results)
+    save("evaluation")
+    modules = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": opts[0],
+               "actor_opt": opts[1], "alpha_opt": opts[2]}
+    checkpoint = lambda: mopo.atomic_save(tmp / "checkpoint.pt", {  # what main's policy checkpoint holds  # noqa: E731
+        "phase": "policy", "step": 0, "args": asdict(margs), "results": {}, "data_fingerprint": [real.size, 0.0],
+        **{k: v.state_dict() for k, v in modules.items()}, "log_alpha": log_alpha.detach(),
+        "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
+        "rng": mopo.rng_state(device)})
+    seconds, _ = timed(checkpoint, device)
+    results["checkpoint"] = {"s": seconds, "model_buffer_rows": model_buffer.size,
+                             "mb": (tmp / "checkpoint.pt").stat().st_size / 2**20}
+    (tmp / "checkpoint.pt").unlink()
+    save("checkpoint")
+
+    # --- dynamics to early stopping -----------------------------------------------------------------------------------
+    trained = dynamics  # what the end-to-end run loads: this 1-epoch ensemble, or the early-stopped one
+    if args.dynamics_to_early_stop:
+        with optional(results, "dynamics to early stopping"):
+            model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
+            results["dynamics_early_stop"] = train_to_early_stop(
+                model, obs, act, target, replace(margs, dynamics_max_epochs=None, cuda_graph=cuda), device,
+                args.early_stop_max_s)
+            trained, stats = model, results["dynamics_early_stop"]["stats"] or stats
+        save("dynamics to early stopping")
+
+    # --- end to end: mopo.main ----------------------------------------------------------------------------------------
+    e2e_epochs = args.e2e_epochs if args.e2e_epochs is not None else (20 if cuda else 0)
+    steps_per_epoch = mopo.Args().steps_per_epoch
+
+    def fit_budget(epochs, updates_per_s, eval_s_per_epoch, setup_s):
+        """As many of `epochs` as end by --budget-s (each: its updates, an evaluation; setup_s before them)."""
+        if args.budget_s is None:
+            return epochs
+        left = args.budget_s - (time.perf_counter() - began) - setup_s - 10
+        return min(epochs, int(left / (steps_per_epoch / updates_per_s + eval_s_per_epoch)))
+    if e2e_epochs > 0:
+        dyn_path = tmp / "dynamics.pt"
+        mopo.atomic_save(dyn_path, {"state_dict": trained.state_dict(), "config": trained.config,
+                                    "env_id": margs.env_id, "stats": stats})
+        full, phase = results["evaluation_full_length"], results["mopo_phase"]
+        runs = results["end_to_end"] = []
+        for graph in ([True, False] if cuda and not args.skip_eager_e2e else [cuda]):
+            rate = phase.get("graph_updates_per_s", phase["updates_per_s"]) if graph else phase["updates_per_s"]
+            if runs:  # evaluations, writes and setup as the first run measured them
+                g = runs[0]
+                eval_s, setup_s = (g["evaluation_s"] + g["gauge_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
+            else:  # a full-length evaluation bounds hopper's
+                eval_s, setup_s = full["sync_s"] + full.get("gauge_device_s", full["gauge_cpu_s"]), 15
+            label = ("cuda graph" if graph else "cuda eager") if cuda else "cpu"
+            epochs = fit_budget((args.e2e_eager_epochs or e2e_epochs) if label == "cuda eager" else e2e_epochs, rate,
+                                eval_s, setup_s)
+            if epochs < 1:
+                results["end_to_end_skipped"] = f"{label}: no epoch fits --budget-s {args.budget_s}"
+                break
+            with optional(results, f"end to end, {label}"):
+                runs.append(end_to_end(args, path, dyn_path, device, graph, epochs, tmp, label))
+            save(f"end to end, {label}")
+
+    results["projection"] = projection(results)
+    save("projection")
     print(table(results))
-    Path(args.out).write_text(json.dumps(results, indent=2))
     return results
+
+
+def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
+    """Seconds per evaluation as main runs it (episodes with a CPU twin of the actor, the gauge on the training
+    modules), for hopper and for full-length HalfCheetah episodes; the gauge also on CPU twins."""
+    n = args.eval_episodes
+    lam, kind = 1.0, "aleatoric"
+    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * n)
+    eval_actor = copy.deepcopy(actor).cpu()
+    seconds, (episodes, start) = timed(lambda: mopo.evaluate(eval_actor, envs, seed=0), device)
+    envs.close()
+    out["evaluation"] = {"s": seconds, "episodes": n, "mean_return": float(episodes["return"].mean()),
+                         "steps": int(episodes["length"].sum())}
+    start = torch.as_tensor(start, dtype=torch.float32, device=device)
+    seconds, gauge = timed(lambda: mopo.model_returns(actor, dynamics, start, args.gauge_horizon, lam, kind,
+                                                      mopo.hopper_done), device)
+    out["gauge"] = {"s": seconds, "mean_model_length": float(gauge["model_length"].mean())}
+
+    # full length: HalfCheetah never terminates, so 10 × 1000 env steps whatever the policy, and 1000 model steps
+    hc = mopo.make_task("halfcheetah-medium-v2")
+    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(hc)] * n)
+    hc_obs, hc_act = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    hc_actor = mopo.Actor(hc_obs, hc_act, envs.single_action_space.low, envs.single_action_space.high)  # CPU
+    seconds, (episodes, start) = timed(lambda: mopo.evaluate(hc_actor, envs, seed=0), device)
+    envs.close()
+    env_steps, vector_steps = int(episodes["length"].sum()), int(episodes["length"].max())
+    full = {"sync_s": seconds, "episodes": n, "env_steps": env_steps, "sync_us_per_env_step": seconds / env_steps * 1e6,
+            "sync_ms_per_vector_step": seconds / vector_steps * 1e3}
+    if args.async_eval:  # workers from a server that imported gymnasium and mujoco (each still imports this script)
+        with optional(out, "AsyncVectorEnv evaluation"):
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["gymnasium", "mujoco"])
+            began = time.perf_counter()
+            envs = gym.vector.AsyncVectorEnv([functools.partial(mopo.make_env, hc)] * n, context="forkserver")
+            startup = time.perf_counter() - began
+            seconds, (a_episodes, _) = timed(lambda: mopo.evaluate(hc_actor, envs, seed=0), device)
+            envs.close()
+            full |= {"async_s": seconds, "async_startup_s": startup, "async_env_steps": int(a_episodes["length"].sum())}
+    hc_dynamics = mopo.EnsembleDynamics(hc_obs, hc_act)
+    with torch.no_grad():
+        hc_dynamics.mean_head.weight.zero_()  # Δs = noise only: 1000 steps stay finite; the same compute
+    start = torch.as_tensor(start, dtype=torch.float32)
+
+    def gauge(actor, model, s0, horizon=args.gauge_horizon):
+        return mopo.model_returns(actor, model, s0, horizon, lam, kind, mopo.halfcheetah_done)
+    gauge(hc_actor, hc_dynamics, start, 5)  # warm-up
+    seconds, g = timed(lambda: gauge(hc_actor, hc_dynamics, start), device)
+    model_steps = int(g["model_length"].max())
+    full |= {"gauge_cpu_s": seconds, "gauge_steps": model_steps, "gauge_cpu_ms_per_step": seconds / model_steps * 1e3}
+    if device.type == "cuda":  # the gauge on the training modules instead of CPU twins
+        with optional(out, "gauge on the GPU"):
+            d_actor, d_dynamics, d_start = copy.deepcopy(hc_actor).to(device), hc_dynamics.to(device), start.to(device)
+            gauge(d_actor, d_dynamics, d_start, 5)  # warm-up
+            seconds, _ = timed(lambda: gauge(d_actor, d_dynamics, d_start), device)
+            full |= {"gauge_device_s": seconds, "gauge_device_ms_per_step": seconds / model_steps * 1e3}
+    out["evaluation_full_length"] = full
+
+
+class Deadline:
+    """Truthy once its time is up: passed as train_dynamics' `sigterm`, it stops the training at that minibatch."""
+
+    def __init__(self, seconds):
+        self.end = time.perf_counter() + seconds
+
+    def __bool__(self):
+        return time.perf_counter() > self.end
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def train_to_early_stop(model, obs, act, target, margs, device, max_s) -> dict:
+    """train_dynamics as main runs it (early stopping, graphs on CUDA): epochs and seconds, or where max_s stops it."""
+    epochs = []
+
+    def save(state, stop):  # called after each epoch, and with stop=True once the deadline passed
+        if stop:
+            raise OutOfTime()
+        epochs.append(state["epoch"])
+    sync(device)
+    began = time.perf_counter()
+    try:
+        stats = mopo.train_dynamics(model, obs, act, target, margs, save=save, sigterm=Deadline(max_s))
+        done = True
+    except OutOfTime:
+        stats, done = None, False
+    sync(device)
+    seconds = time.perf_counter() - began
+    n = stats["epochs"] if done else (epochs[-1] if epochs else 0)
+    return {"early_stopped": done, "epochs": n, "s": seconds, "s_per_epoch": seconds / max(n, 1), "stats": stats,
+            "max_s": max_s}
+
+
+def end_to_end(args, dataset, dyn_path, device, cuda_graph, epochs, tmp, label) -> dict:
+    """mopo.main on hopper-medium-v2 in a fresh folder; its parts timed by wrapping the functions main calls."""
+    margs = mopo.Args(env_id="hopper-medium-v2", dataset_path=str(dataset), dynamics_path=str(dyn_path),
+                      epochs=epochs, device=str(device), cuda_graph=cuda_graph,
+                      rollout_batch_size=args.rollout_batch_size, seed=args.seed)
+    spans = {name: [] for name in ("rollout", "evaluate", "model_returns", "atomic_save")}
+    originals = {name: getattr(mopo, name) for name in spans}
+
+    def wrap(name, fn):
+        def timed_call(*a, **k):
+            sync(device)
+            began = time.perf_counter()
+            out = fn(*a, **k)
+            sync(device)
+            spans[name].append((began, time.perf_counter()))
+            return out
+        return timed_call
+    folder = Path(tempfile.mkdtemp(dir=tmp))
+    cwd = os.getcwd()
+    os.chdir(folder)
+    for name, fn in originals.items():
+        setattr(mopo, name, wrap(name, fn))
+    try:
+        began = time.perf_counter()
+        mopo.main(margs)
+        ended = time.perf_counter()
+    finally:
+        for name, fn in originals.items():
+            setattr(mopo, name, fn)
+        os.chdir(cwd)
+    total = lambda name: sum(b - a for a, b in spans[name])  # noqa: E731
+    first_rollout = spans["rollout"][0][0]
+    checkpoint_s = total("atomic_save") - sum(b - a for a, b in spans["atomic_save"] if a < first_rollout)
+    policy_s = ended - first_rollout
+    updates = epochs * margs.steps_per_epoch
+    training_s = policy_s - total("evaluate") - total("model_returns") - checkpoint_s
+    return {"label": label, "epochs": epochs, "updates": updates, "wall_s": ended - began,
+            "setup_s": first_rollout - began, "policy_phase_s": policy_s, "evaluation_s": total("evaluate"),
+            "gauge_s": total("model_returns"), "rollout_s": total("rollout"), "checkpoint_s": checkpoint_s,
+            "updates_per_s_excl_eval": updates / training_s, "updates_per_s_incl_eval": updates / policy_s,
+            "tensorboard_last_sps": last_sps(folder)}
+
+
+def last_sps(folder: Path) -> Optional[float]:
+    """charts/SPS at the run's last update, as TensorBoard shows it (a cross-check of the timing above)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        run_dir = next((folder / "runs").iterdir())
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        return events.Scalars("charts/SPS")[-1].value
+    except Exception as e:  # informational only
+        print(f"TensorBoard SPS not read: {e!r}")
+        return None
+
+
+def projection(r: dict) -> dict:
+    """A D4RL-sized run from the measured parts (FULL_RUN); E = dynamics epochs."""
+    full, dyn = r["evaluation_full_length"], r["dynamics_epoch"]
+    gauge_s = full.get("gauge_device_s", full["gauge_cpu_s"])  # main gauges on the training device
+    graph = "graph_updates_per_s" in r["mopo_phase"]  # as main runs it: with CUDA graphs where they ran
+    updates_per_s = r["mopo_phase"]["graph_updates_per_s" if graph else "updates_per_s"]
+    epoch_s = dyn["s"]
+    if "graph_s" in dyn:  # the marginal graph epoch (one capture per call), unless noise made it ≤ 0
+        epoch_s = dyn["graph_marginal_s"] if dyn["graph_marginal_s"] > 0 else dyn["graph_s"]
+    epoch_s *= FULL_RUN["transitions"] / r["dataset_size"]
+    parts = {"updates_s": FULL_RUN["updates"] / updates_per_s,
+             "evaluations_s": FULL_RUN["evaluations"] * (full["sync_s"] + gauge_s),
+             "checkpoints_s": FULL_RUN["checkpoints"] * r["checkpoint"]["s"]}
+    fixed = sum(parts.values())
+    out = {"updates_per_s": updates_per_s, "updates_path": "cuda graph" if graph else "eager",
+           "evaluation_s": full["sync_s"], "gauge_s": gauge_s,
+           "checkpoint_s": r["checkpoint"]["s"], "dynamics_epoch_s_at_1M": epoch_s, **parts,
+           "break_even_dynamics_epochs": max(0, math.floor((FULL_RUN["budget_s"] - fixed) / epoch_s)),
+           "without_dynamics_s": fixed}
+    stop = r.get("dynamics_early_stop")
+    if stop:
+        out |= {"early_stop_epochs": stop["epochs"], "early_stopped": stop["early_stopped"],
+                "dynamics_s": stop["epochs"] * epoch_s, "total_s": fixed + stop["epochs"] * epoch_s}
+    return out
 
 
 def platform_name():
@@ -192,22 +530,89 @@ def platform_name():
     return "unknown"
 
 
+def hm(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
 def table(r):
-    return "\n".join([
-        f"device {r['device']} ({r['cpu'] if r['device'] == 'cpu' else ''}), {r['threads']} thread(s), torch "
+    dyn, sac, phase = r["dynamics_epoch"], r["sac_update"], r["mopo_phase"]
+    lines = [
+        f"device {r['device']} ({r['cpu'] if r['device'] == 'cpu' else r['gpu']}), {r['threads']} thread(s), torch "
         f"{r['torch']}, dataset {r['dataset_size']} transitions",
         "| loop | mopo.py | bare compute | bare / ours |", "|---|---|---|---|",
-        f"| dynamics epoch ({r['dynamics_epoch']['steps']} steps of 7×256) | {r['dynamics_epoch']['s']:.2f} s | "
-        f"{r['dynamics_epoch']['bare_s']:.2f} s | {r['dynamics_epoch']['ratio_bare_over_ours']:.2f} |",
+        f"| dynamics epoch ({dyn['steps']} steps of 7×256) | {dyn['s']:.2f} s | "
+        f"{dyn['bare_s']:.2f} s | {dyn['ratio_bare_over_ours']:.2f} |",
         f"| rollout round ({r['rollout_round']['transitions']} transitions) | {r['rollout_round']['s']:.2f} s "
         f"({r['rollout_round']['transitions_per_s']:.0f}/s) | {r['rollout_round']['bare_s']:.2f} s | "
         f"{r['rollout_round']['ratio_bare_over_ours']:.2f} |",
-        f"| SAC update incl. sampling | {r['sac_update']['ms']:.2f} ms | {r['sac_update']['bare_ms']:.2f} ms | "
-        f"{r['sac_update']['ratio_bare_over_ours']:.2f} |",
-        f"| MOPO phase incl. rollouts | {r['mopo_phase']['updates_per_s']:.1f} updates/s | "
-        f"{r['mopo_phase']['bare_updates_per_s']:.1f} updates/s | {r['mopo_phase']['ratio_ours_over_bare']:.2f} |",
+        f"| SAC update incl. sampling | {sac['ms']:.2f} ms | {sac['bare_ms']:.2f} ms | "
+        f"{sac['ratio_bare_over_ours']:.2f} |",
+        f"| MOPO phase incl. rollouts | {phase['updates_per_s']:.1f} updates/s | "
+        f"{phase['bare_updates_per_s']:.1f} updates/s | {phase['ratio_ours_over_bare']:.2f} |",
         f"| evaluation (10 episodes) | {r['evaluation']['s']:.2f} s | | |",
-        f"peak memory {r['peak_memory_mb']:.0f} MB"])
+        f"peak memory {r['peak_memory_mb']:.0f} MB"]
+    if r["device"] != "cpu":  # eager vs CUDA graph, where the graph path ran
+        lines += ["", "| loop (CUDA) | eager | CUDA graph | eager / graph |", "|---|---|---|---|"]
+        if "graph_ms" in sac:
+            lines.append(f"| SAC update incl. sampling | {sac['ms']:.2f} ms | {sac['graph_ms']:.2f} ms | "
+                         f"{sac['eager_over_graph']:.1f}× |")
+        if "graph_s" in dyn:
+            lines.append(f"| dynamics epoch ({dyn['steps']} steps of 7×256) | {dyn['s']:.3f} s | "
+                         f"{dyn['graph_s']:.3f} s ({dyn['graph_marginal_s']:.3f} s marginal) | "
+                         f"{dyn['eager_over_graph']:.1f}× |")
+        if "graph_updates_per_s" in phase:
+            lines.append(f"| MOPO phase incl. rollouts | {phase['updates_per_s']:.1f} updates/s | "
+                         f"{phase['graph_updates_per_s']:.1f} updates/s | {phase['graph_over_eager']:.1f}× |")
+    full, ev, g = r["evaluation_full_length"], r["evaluation"], r["gauge"]
+    lines += ["", "| evaluation, as main runs it | s | steps | per step |", "|---|---|---|---|",
+              f"| hopper, {ev['episodes']} episodes, SyncVectorEnv, CPU twin | {ev['s']:.3f} | {ev['steps']} env | "
+              f"{ev['s'] / max(ev['steps'], 1) * 1e6:.0f} µs |",
+              f"| hopper gauge, training modules | {g['s']:.3f} | {g['mean_model_length']:.0f} model (mean) | |",
+              f"| halfcheetah, {full['episodes']} × 1000, SyncVectorEnv, CPU twin | {full['sync_s']:.2f} | "
+              f"{full['env_steps']} env | {full['sync_us_per_env_step']:.0f} µs ({full['sync_ms_per_vector_step']:.2f} "
+              f"ms per vector step) |"]
+    if "async_s" in full:
+        lines.append(f"| halfcheetah, AsyncVectorEnv (forkserver; start-up {full['async_startup_s']:.1f} s) | "
+                     f"{full['async_s']:.2f} | {full['async_env_steps']} env | "
+                     f"{full['async_s'] / max(full['async_env_steps'], 1) * 1e6:.0f} µs |")
+    lines.append(f"| gauge, {full['episodes']} starts × {full['gauge_steps']}, CPU twins | {full['gauge_cpu_s']:.2f} | "
+                 f"{full['gauge_steps']} model | {full['gauge_cpu_ms_per_step']:.2f} ms |")
+    if "gauge_device_s" in full:
+        lines.append(f"| gauge on the GPU modules | {full['gauge_device_s']:.2f} | {full['gauge_steps']} model | "
+                     f"{full['gauge_device_ms_per_step']:.2f} ms |")
+    lines.append(f"| policy checkpoint ({r['checkpoint']['model_buffer_rows']} model rows, "
+                 f"{r['checkpoint']['mb']:.0f} MB) | {r['checkpoint']['s']:.2f} | | |")
+    if "dynamics_early_stop" in r:
+        s = r["dynamics_early_stop"]
+        cut = "" if s["early_stopped"] else ", stopped by --early-stop-max-s"
+        lines.append(f"\ndynamics to early stopping: {s['epochs']} epochs in {s['s']:.1f} s ({s['s_per_epoch']:.3f} "
+                     f"s/epoch){cut}")
+    if r.get("end_to_end"):
+        lines += ["", "| mopo.main, hopper | epochs | wall | setup | policy phase | updates/s excl. eval | "
+                  "eval + gauge per epoch | checkpoints | TensorBoard SPS |", "|---|---|---|---|---|---|---|---|---|"]
+        for e in r["end_to_end"]:
+            lines.append(f"| {e['label']} | {e['epochs']} | {e['wall_s']:.1f} s | {e['setup_s']:.1f} s | "
+                         f"{e['policy_phase_s']:.1f} s | {e['updates_per_s_excl_eval']:.0f} | "
+                         f"{(e['evaluation_s'] + e['gauge_s']) / e['epochs']:.2f} s | {e['checkpoint_s']:.1f} s | "
+                         f"{e['tensorboard_last_sps']} |")
+    if "end_to_end_skipped" in r:
+        lines.append(f"end-to-end skipped: {r['end_to_end_skipped']}")
+    p = r["projection"]
+    lines += ["", "| full run (1M transitions, 1M updates) | from | projected |", "|---|---|---|",
+              f"| updates incl. rollouts | 1M / {p['updates_per_s']:.0f} updates/s ({p['updates_path']}) | "
+              f"{hm(p['updates_s'])} |",
+              f"| evaluations, 1000 × 10 full-length episodes + gauge | 1000 × ({p['evaluation_s']:.2f} + "
+              f"{p['gauge_s']:.2f}) s | {hm(p['evaluations_s'])} |",
+              f"| checkpoints, 100 | 100 × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
+    if "early_stop_epochs" in p:
+        lines += [f"| dynamics, {p['early_stop_epochs']} epochs (early stop on the generated data"
+                  f"{'' if p['early_stopped'] else ', not reached'}) | × {p['dynamics_epoch_s_at_1M']:.2f} s per "
+                  f"1M-row epoch | {hm(p['dynamics_s'])} |", f"| total | | {hm(p['total_s'])} |"]
+    lines.append(f"without the dynamics {hm(p['without_dynamics_s'])}; dynamics epochs that still fit 30 min: "
+                 f"{p['break_even_dynamics_epochs']} (at {p['dynamics_epoch_s_at_1M']:.2f} s per 1M-row epoch)")
+    for part, error in r.get("errors", {}).items():
+        lines.append(f"FAILED: {part}: {error}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
