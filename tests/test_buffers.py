@@ -61,3 +61,32 @@ def test_split_shapes():
     obs, act, rew, next_obs, done = buf.split(buf.sample(6))
     assert obs.shape == next_obs.shape == (6, OBS) and act.shape == (6, ACT)
     assert rew.shape == done.shape == (6,)
+
+
+def test_sampling_reads_the_fill_level_from_count_so_a_growing_buffer_needs_nothing_rebuilt():
+    """What a CUDA graph captured once relies on: `sample` takes the fill level from the device tensor `count` at each
+    call (not from a Python int frozen into the call), so the same call reaches rows added later, uniformly."""
+    torch.manual_seed(0)
+    width = 2 * OBS + ACT + 2
+    buf = mopo.ReplayBuffer(1000, OBS, ACT, torch.device("cpu"))
+    count = buf.count
+    assert count.dtype == torch.long and count.item() == 0
+    buf.add(torch.arange(300.0)[:, None].repeat(1, width))  # rows hold their own index
+    assert buf.count is count and count.item() == buf.size == 300  # updated in place
+    ids = buf.sample(30_000)[:, 0].long()
+    assert ids.min() >= 0 and ids.max() < 300
+    buf.add(torch.arange(300.0, 900.0)[:, None].repeat(1, width))
+    assert buf.count is count and count.item() == 900
+    ids = buf.sample(90_000)[:, 0].long()
+    assert ids.max() < 900 and (ids >= 300).float().mean() > 0.6  # the new rows: 2/3 of the draws
+    hist = torch.bincount(ids // 100, minlength=9).float()  # 9 bins of 100 rows, 10,000 draws expected in each
+    chi2 = ((hist - 10_000) ** 2 / 10_000).sum().item()
+    assert chi2 < 40, hist  # 8 degrees of freedom: P(χ² > 40) < 1e-5
+    buf.add(torch.arange(900.0, 1200.0)[:, None].repeat(1, width))  # full: rows 900..999, then 1000..1199 wrap
+    assert count.item() == 1000 and buf.ptr == 200
+    ids = buf.sample(50_000)[:, 0].long()
+    assert ids.min() >= 200 and ids.max() < 1200 and set(ids.tolist()) == set(range(200, 1200))
+    # the fill level is the tensor's, not the Python int's: a sampler that reads `size` would still draw 1000 rows
+    count.fill_(10)
+    ids = buf.sample(5000)[:, 0].long()
+    assert set(ids.tolist()) <= set(range(1000, 1010))  # rows 0..9 of data hold 1000..1009 after the wrap

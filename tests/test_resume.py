@@ -15,7 +15,8 @@ import mopo
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--env-id", "hopper-medium-v2", "--lam", "1.0", "--seed", "7", "--epochs", "4", "--steps-per-epoch", "150",
        "--rollout-freq", "50", "--rollout-batch-size", "200", "--eval-episodes", "2", "--dynamics-max-epochs", "3",
-       "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--torch-deterministic"]
+       "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--device", "cpu", "--torch-deterministic"]
+# --device cpu: bit-for-bit resume is a CPU promise (main would pick CUDA where it is visible, with CUDA graphs)
 
 
 def start(cwd, dataset, *extra):
@@ -81,7 +82,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file,
     out = interrupt_after_first_evaluation(proc, tmp_path, signal.SIGTERM)
     assert proc.returncode == 143, out[-3000:]
     assert "SIGTERM: checkpoint at update" in out
-    step = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
     assert 150 < step < 600 and step % 150 != 0  # written mid-epoch, at the update it stopped on
     resume(tmp_path)
     results = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
@@ -95,8 +96,8 @@ def test_resume_needs_a_checkpoint(tmp_path):
 
 def tiny_args(dataset, **overrides):
     flags = dict(zip(RUN[::2], RUN[1::2]))
-    kwargs = {k.lstrip("-").replace("-", "_"): float(v) if "." in v else int(v) for k, v in flags.items()
-              if k not in ("--env-id", "--torch-deterministic")}
+    kwargs = {k.lstrip("-").replace("-", "_"): v if k == "--device" else float(v) if "." in v else int(v)
+              for k, v in flags.items() if k not in ("--env-id", "--torch-deterministic")}
     return mopo.Args(**{**kwargs, "epochs": 1, "dataset_path": str(dataset), **overrides})
 
 
@@ -105,8 +106,8 @@ def test_reusing_a_trained_dynamics_model(reference, hopper_file, tmp_path, monk
     monkeypatch.setattr(mopo, "train_dynamics", None)  # a run given --dynamics-path must not train a model
     results = mopo.main(tiny_args(hopper_file, dynamics_path=str(reference[1]), lam=0.0, rollout_length=2))
     assert results["dynamics"] == reference[0]["dynamics"]
-    saved = torch.load(reference[1] / "dynamics.pt", weights_only=True)["state_dict"]
-    copied = torch.load(run_dir_of(tmp_path) / "dynamics.pt", weights_only=True)["state_dict"]
+    saved = torch.load(reference[1] / "dynamics.pt", map_location="cpu", weights_only=True)["state_dict"]
+    copied = torch.load(run_dir_of(tmp_path) / "dynamics.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], copied[k]) for k in saved)  # every run folder holds its ensemble
 
 
@@ -151,14 +152,14 @@ def test_nan_loss_stops_the_run_naming_step_loss_and_checkpoint(hopper_file, tmp
 
 def test_nan_penalty_stops_the_run(hopper_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(mopo, "penalty", lambda mean, logvar, kind: torch.full(mean.shape[1:2], float("nan")))
+    monkeypatch.setattr(mopo, "penalty", lambda mean, logvar, kind: mean.new_full(mean.shape[1:2], float("nan")))
     with pytest.raises(FloatingPointError, match=r"non-finite rollout/penalty_mean \(nan\) at update 1"):
         mopo.main(tiny_args(hopper_file))
 
 
 def test_nan_dynamics_loss_stops_before_policy_learning(hopper_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(mopo, "gaussian_nll", lambda mean, logvar, target: torch.full(mean.shape[:1], float("inf")))
+    monkeypatch.setattr(mopo, "gaussian_nll", lambda mean, logvar, target: mean.new_full(mean.shape[:1], float("inf")))
     with pytest.raises(FloatingPointError, match=r"non-finite dynamics/train_loss \(inf\) at dynamics epoch 1"):
         mopo.main(tiny_args(hopper_file))
 

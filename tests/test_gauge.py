@@ -1,0 +1,160 @@
+"""Theorem 4.4's gauge (issue 10): the deterministic policy's return in the learned model, raw and penalized, per
+evaluation; summed by hand on a stand-in model, and logged by a real run to results.json and TensorBoard."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mopo
+
+TINY_STD = 1e-6  # the elite's std: a sampled reward is its mean to ~1e-6
+
+
+class StepCounter(nn.Module):
+    """A stand-in ensemble on states s = (steps taken t, marker m). Every member predicts Δs = (1, 0) and reward t + 1
+    (the number of the step being taken); the elite (member 0) is near-deterministic, member 1 is uncertain: its std
+    vector (2, 3, 6) has norm 7, so the aleatoric penalty is u = 7, and its mean is off by (6, 8) on the Δs dims, so
+    the ensemble-std penalty is u = ‖(3, 4)‖ = 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("elites", torch.tensor([0]))
+        self.calls = 0
+
+    def forward(self, obs, act):
+        self.calls += 1
+        b = len(obs)
+        mean = torch.stack([obs[:, 0] + 1, torch.ones(b), torch.zeros(b)], dim=1)  # [B, 3]: r, Δs
+        mean = torch.stack([mean, mean + torch.tensor([0.0, 6.0, 8.0])])  # [E=2, B, 3]
+        std = torch.tensor([[TINY_STD] * 3, [2.0, 3.0, 6.0]])[:, None].expand(2, b, 3)
+        return mean, 2 * std.log()
+
+
+class ZeroPolicy:
+    """The gauge follows the deterministic policy: `act`, never `sample`."""
+
+    def act(self, obs):
+        return torch.zeros(len(obs), 1)
+
+    def sample(self, obs):
+        raise AssertionError("the gauge must use the deterministic action")
+
+
+def done_at_marker(obs, act, next_obs):
+    return next_obs[:, 0] > obs[:, 1] - 0.5  # the episode ends on the step that reaches its marker
+
+
+MARKERS = [1.0, 3.0, 5.0, 100.0, 100.0]  # three episodes terminate (at steps 1, 3, 5), two run into the horizon
+
+
+def start_states(markers=MARKERS):
+    return torch.stack([torch.zeros(len(markers)), torch.tensor(markers)], dim=1)
+
+
+@pytest.mark.parametrize("penalty_kind, u", [("aleatoric", 7.0), ("ensemble-std", 5.0)])
+def test_model_returns_sum_rewards_and_penalties_up_to_and_including_the_terminal_step(penalty_kind, u):
+    lam = 0.5
+    out = mopo.model_returns(ZeroPolicy(), StepCounter(), start_states(), 8, lam, penalty_kind, done_at_marker)
+    assert set(out) == {"model_return", "penalized_model_return", "model_length"}
+    lengths = torch.tensor([1.0, 3.0, 5.0, 8.0, 8.0])  # the terminal transition counts; horizon 8 caps the rest
+    returns = lengths * (lengths + 1) / 2  # r = 1, 2, ..., L: nothing after the terminal step is added
+    torch.testing.assert_close(out["model_length"], lengths, atol=0, rtol=0)
+    torch.testing.assert_close(out["model_return"], returns, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["penalized_model_return"], returns - lam * u * lengths, atol=1e-4, rtol=0)
+
+
+def test_horizon_caps_every_episode():
+    out = mopo.model_returns(ZeroPolicy(), StepCounter(), start_states(), 2, 1.0, "aleatoric", done_at_marker)
+    torch.testing.assert_close(out["model_length"], torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0]), atol=0, rtol=0)
+    torch.testing.assert_close(out["model_return"], torch.tensor([1.0, 3.0, 3.0, 3.0, 3.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["penalized_model_return"], torch.tensor([-6.0, -11.0, -11.0, -11.0, -11.0]),
+                               atol=1e-4, rtol=0)
+
+
+def test_stepping_stops_once_every_episode_ended():
+    model = StepCounter()
+    out = mopo.model_returns(ZeroPolicy(), model, start_states([1.0, 2.0, 2.0]), 1000, 0.0, "aleatoric",
+                             done_at_marker)
+    assert out["model_length"].tolist() == [1.0, 2.0, 2.0] and model.calls == 2  # not 1000 model steps
+
+
+class TwoElites(nn.Module):
+    """Elites 0 and 2 predict reward +1 and −1 with std 0.5; member 1 (not an elite) predicts +100."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("elites", torch.tensor([0, 2]))
+
+    def forward(self, obs, act):
+        mean = torch.zeros(3, len(obs), 2)
+        mean[:, :, 0] = torch.tensor([1.0, 100.0, -1.0])[:, None]
+        return mean, torch.full((3, len(obs), 2), 2 * math.log(0.5))
+
+
+def test_each_step_samples_a_random_elite_with_its_noise():
+    """As rollouts do (D7): per step one random elite, reward μ + σ·ε, not the mean."""
+    torch.manual_seed(0)
+    never = lambda obs, act, next_obs: torch.zeros(len(obs), dtype=torch.bool)  # noqa: E731
+    ret = mopo.model_returns(ZeroPolicy(), TwoElites(), torch.zeros(20_000, 1), 1, 0.0, "aleatoric", never)[
+        "model_return"]
+    plus = ret > 0  # elite 0's draws: N(1, 0.5²) is positive with probability 0.977
+    assert abs(plus.float().mean().item() - 0.5) < 0.03 and ret.max() < 5  # both elites, never member 1
+    assert abs(ret.std().item() - math.sqrt(1 + 0.25)) < 0.03  # the mixture of N(±1, 0.5²): the noise is drawn
+    assert abs(ret.mean().item()) < 0.03
+
+
+# --- a real run logs the gauge with every evaluation ---
+OLD_EVAL_KEYS = {"step", "epoch", "return", "return_std", "normalized_score", "normalized_score_std"}
+GAUGE_KEYS = {"length", "model_return", "penalized_model_return", "model_length"}
+OLD_TOP_KEYS = {"env_id", "seed", "lam", "rollout_length", "run_name", "dynamics", "final_return", "final_return_std",
+                "final_normalized_score", "final_normalized_score_std", "evaluations", "args"}
+
+
+def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, monkeypatch):
+    calls = {}
+    evaluate, model_returns = mopo.evaluate, mopo.model_returns
+
+    def evaluate_spy(actor, envs, seed):
+        episodes, start = evaluate(actor, envs, seed)
+        calls.setdefault("start", []).append(start)
+        return episodes, start
+
+    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn):
+        calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn))
+        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn)
+    monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
+    monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
+    monkeypatch.chdir(tmp_path)
+    results = mopo.main(mopo.Args(
+        env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=2.0, epochs=2, steps_per_epoch=10,
+        rollout_freq=10, rollout_batch_size=50, eval_episodes=3, dynamics_max_epochs=1, dynamics_hidden_dim=32,
+        batch_size=32, log_freq=5, device="cpu"))
+
+    # the gauge runs from the evaluation's own start states, as long as the env's episodes, with the run's λ
+    assert len(calls["gauge"]) == len(calls["start"]) == 2
+    for start, (start_obs, horizon, lam, penalty_kind, termination_fn) in zip(calls["start"], calls["gauge"]):
+        assert start.shape == (3, 11) and torch.equal(start_obs.cpu(), torch.as_tensor(start, dtype=torch.float32))
+        assert (horizon, lam, penalty_kind, termination_fn) == (1000, 2.0, "aleatoric", mopo.hopper_done)
+
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert results == json.loads((run_dir / "results.json").read_text())
+    assert OLD_TOP_KEYS <= set(results)
+    assert [e["step"] for e in results["evaluations"]] == [10, 20]
+    new_keys = GAUGE_KEYS | {f"{k}_std" for k in GAUGE_KEYS}
+    for e in results["evaluations"]:
+        assert OLD_EVAL_KEYS | new_keys <= set(e), sorted(OLD_EVAL_KEYS | new_keys - set(e))
+        assert all(math.isfinite(v) for v in e.values()), e
+        assert 1 <= e["length"] <= 1000 and 1 <= e["model_length"] <= 1000
+        assert e["penalized_model_return"] <= e["model_return"]  # λ·u ≥ 0 at every step
+    last = results["evaluations"][-1]
+    assert (results["final_return"], results["final_normalized_score"]) == (last["return"], last["normalized_score"])
+
+    scalars = EventAccumulator(str(run_dir))
+    scalars.Reload()
+    for key in ("model_return", "penalized_model_return", "model_length", "length", "model_return_std"):
+        events = scalars.Scalars(f"eval/{key}")
+        assert [ev.step for ev in events] == [10, 20]
+        assert [ev.value for ev in events] == pytest.approx([e[key] for e in results["evaluations"]], rel=1e-6)
