@@ -647,6 +647,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     arrived (`sigterm` non-empty); passed back as `state`, it trains on to the same ensemble (CPU, deterministic)."""
     E, B = args.num_ensemble, args.dynamics_batch_size
     graph = getattr(args, "cuda_graph", False) and obs.is_cuda
+    shuffle = lambda boot: boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # per member
     optimizer = dynamics_optimizer(model, args.dynamics_lr, capturable=graph)
     member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
     if state is None:
@@ -661,7 +662,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
         state = {"epoch": 0, "batch": 0, "epochs_since_update": 0, "hold": hold, "loss_sum": obs.new_zeros(()),
                  "best": obs.new_full((E,), 1e10), "snapshot": [p.detach().clone() for p in member_params],
-                 "boot": train[torch.randint(len(train), (E, len(train)), device=obs.device)]}  # [E, N_train]
+                 "boot": shuffle(train[torch.randint(len(train), (E, len(train)), device=obs.device)])}  # [E, N]
     else:
         optimizer.load_state_dict(state["optimizer"])
     hold, n_batches = state["hold"], -(-state["boot"].shape[1] // B)
@@ -676,9 +677,6 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     fit_graph = cuda_graph(lambda: fit(batch_idx)) if graph else None
     bar = tqdm(desc="dynamics", unit="epoch", initial=state["epoch"], total=args.dynamics_max_epochs, disable=None)
     while True:
-        if state["batch"] == 0:  # a new epoch: shuffle each member's bootstrap
-            boot = state["boot"]
-            state["boot"] = boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))
         for b in range(state["batch"], state["boot"].shape[1], B):
             if sigterm:
                 save(state | {"batch": b, "optimizer": optimizer.state_dict()}, True)
@@ -705,6 +703,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         bar.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}")
         if state["epochs_since_update"] > 5 or state["epoch"] == args.dynamics_max_epochs:
             break
+        state["boot"] = shuffle(state["boot"])  # the next epoch's order, saved with the checkpoint
         if save is not None:
             save(state | {"optimizer": optimizer.state_dict()}, bool(sigterm))
     bar.close()
@@ -737,15 +736,15 @@ def penalty(mean, logvar, kind: str = "aleatoric"):
     raise ValueError(f"unknown penalty {kind!r}; use aleatoric or ensemble-std")
 
 
-def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination_fn: Callable):
+def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination_fn: Callable, generator=None):
     """One step in the learned model from obs, act [B, ·]: (sampled reward r [B], penalty u [B], s' [B, obs_dim],
     done [B] bool). The penalized MDP's reward is r̃ = r − λ·u (Alg. 2)."""
     mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
     u = penalty(mean, logvar, penalty_kind)  # [B]
-    member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device)]  # D7
+    member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device, generator=generator)]  # D7
     row = torch.arange(len(obs), device=obs.device)
     mu, std = mean[member, row], logvar[member, row].mul(0.5).exp()  # [B, 1 + obs_dim]
-    sample = mu + std * torch.randn_like(mu)
+    sample = mu + std * torch.randn(mu.shape, device=mu.device, generator=generator)
     rew, next_obs = sample[:, 0], obs + sample[:, 1:]
     done = termination_fn(obs, act, next_obs)  # [B] bool
     assert rew.shape == u.shape == done.shape == (len(obs),)
@@ -777,7 +776,7 @@ def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam:
 
 @torch.no_grad()
 def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: float, penalty_kind: str,
-                  termination_fn: Callable) -> dict:
+                  termination_fn: Callable, generator=None) -> dict:
     """Theorem 4.4's gauge: the deterministic policy's episodes in the learned model from start_obs [N, obs_dim],
     up to `horizon` steps or the termination function. Per episode [N]: the raw model return Σ r (η of M̂), the
     penalized return Σ (r − λ·u) (η of M̃, a lower bound of the true return when λ·u bounds the model's error), and
@@ -786,7 +785,7 @@ def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: 
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
     for _ in range(horizon):
-        rew, u, obs, done = model_step(model, obs, actor.act(obs), penalty_kind, termination_fn)
+        rew, u, obs, done = model_step(model, obs, actor.act(obs), penalty_kind, termination_fn, generator)
         ret += torch.where(alive, rew, 0.0)  # a finished episode keeps stepping (fixed shapes) but earns nothing
         penalized += torch.where(alive, rew - lam * u, 0.0)
         length += alive
@@ -1176,11 +1175,13 @@ def main(args: Args) -> dict:
         model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
         termination_fn = TERMINATION_FNS[task.family]
         eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        eval_actor = copy.deepcopy(actor).cpu()  # the env loop's policy: a CPU twin, no GPU round trip per step
+        # evaluation runs on CPU twins: no GPU round trip per env step, and the gauge's small batches ran faster there
+        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
         horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
-            "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [], "args": asdict(args)}
+            "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
+            "args": asdict(replace(args, resume=None))}  # the settings, not the --resume that continued them
         save = partial(save_policy_training, run_dir, args, fingerprint, modules, log_alpha, model_buffer, device,
                        results)
         if resumed:
@@ -1216,8 +1217,9 @@ def main(args: Args) -> dict:
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
                 eval_actor.load_state_dict(actor.state_dict())
                 episodes, start = evaluate(eval_actor, eval_envs, seed=args.seed + global_step)
-                episodes |= model_returns(actor, dynamics, torch.as_tensor(start, dtype=torch.float32, device=device),
-                                          horizon, lam, args.penalty, termination_fn)  # Theorem 4.4's gauge (D17)
+                gauge_rng = torch.Generator().manual_seed(args.seed + global_step)  # training's RNG stays untouched
+                episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
+                                          horizon, lam, args.penalty, termination_fn, gauge_rng)  # Theorem 4.4 (D17)
                 record_evaluation(writer, results, summarize(task, episodes), epoch, global_step)
                 atomic_save(run_dir / "results.json", results)
             if checkpoint_now:

@@ -122,9 +122,10 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
         calls.setdefault("start", []).append(start)
         return episodes, start
 
-    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn):
+    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, generator):
         calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn))
-        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn)
+        calls.setdefault("rng", []).append(generator.initial_seed())
+        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, generator)
     monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
     monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
     monkeypatch.chdir(tmp_path)
@@ -138,6 +139,7 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
     for start, (start_obs, horizon, lam, penalty_kind, termination_fn) in zip(calls["start"], calls["gauge"]):
         assert start.shape == (3, 11) and torch.equal(start_obs.cpu(), torch.as_tensor(start, dtype=torch.float32))
         assert (horizon, lam, penalty_kind, termination_fn) == (1000, 2.0, "aleatoric", mopo.hopper_done)
+    assert calls["rng"] == [1 + 10, 1 + 20]  # its own generator per evaluation (seed + update): training's RNG untouched
 
     run_dir = next((tmp_path / "runs").iterdir())
     assert results == json.loads((run_dir / "results.json").read_text())
@@ -158,3 +160,17 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
         events = scalars.Scalars(f"eval/{key}")
         assert [ev.step for ev in events] == [10, 20]
         assert [ev.value for ev in events] == pytest.approx([e[key] for e in results["evaluations"]], rel=1e-6)
+
+
+def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monkeypatch):
+    """The gauge draws from its own generator: evaluating more often leaves the trained policy as it was."""
+    weights = []
+    for eval_freq in (1, 2):
+        (tmp_path / str(eval_freq)).mkdir()
+        monkeypatch.chdir(tmp_path / str(eval_freq))
+        mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=1.0, epochs=2,
+                            steps_per_epoch=10, rollout_freq=10, rollout_batch_size=50, eval_episodes=2,
+                            eval_freq=eval_freq, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32, log_freq=5, device="cpu"))
+        (run_dir,) = (tmp_path / str(eval_freq) / "runs").iterdir()
+        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["actor"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
