@@ -1,6 +1,7 @@
 """Checkpoint and resume (SIGKILL and SIGTERM), dynamics reuse, and the NaN guard."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import tyro
 
 import mopo
 
@@ -33,12 +35,17 @@ def comparable(results):
     return {k: v for k, v in results.items() if k != "run_name"}  # the folder name carries the start time
 
 
+def main_in(cwd, *cli):
+    """mopo's CLI in this process (as `python mopo.py ...`, without a new interpreter's start-up)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return mopo.main(tyro.cli(mopo.Args, args=list(cli)))
+
+
 @pytest.fixture(scope="module")
 def reference(hopper_file, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    proc = start(cwd, hopper_file)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    main_in(cwd, "--dataset-path", str(hopper_file), *RUN)
     return json.loads((run_dir_of(cwd) / "results.json").read_text()), run_dir_of(cwd)
 
 
@@ -57,34 +64,36 @@ def interrupt_after_first_evaluation(proc, cwd, sig):
     return proc.communicate(timeout=120)[0]
 
 
-def resume(cwd, *flags):
-    cmd = [sys.executable, str(ROOT / "mopo.py"), "--resume", str(run_dir_of(cwd)), *flags]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def test_sigkill_then_resume_matches_uninterrupted_run(reference, hopper_file, tmp_path):
-    proc = start(tmp_path, hopper_file)
+def test_sigkill_then_resume_matches_uninterrupted_run(reference, hopper_file, tmp_path, capsys):
+    proc = start(tmp_path, hopper_file)  # a real process, killed for real
     interrupt_after_first_evaluation(proc, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     partial = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
     assert 1 <= len(partial["evaluations"]) < 4  # killed mid-run
-    out = resume(tmp_path, "--epochs", "99")
+    main_in(tmp_path, "--resume", str(run_dir_of(tmp_path)), "--epochs", "99")
+    out = capsys.readouterr().out
     assert "resumed" in out and "ignoring ['epochs']" in out
     results = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
     assert comparable(results) == comparable(reference[0])
     assert math.isfinite(results["final_normalized_score"])
 
 
-def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file, tmp_path):
-    proc = start(tmp_path, hopper_file)
-    out = interrupt_after_first_evaluation(proc, tmp_path, signal.SIGTERM)
-    assert proc.returncode == 143, out[-3000:]
-    assert "SIGTERM: checkpoint at update" in out
-    step = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
-    assert 150 < step < 600 and step % 150 != 0  # written mid-epoch, at the update it stopped on
-    resume(tmp_path)
+def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file, tmp_path, monkeypatch, capsys):
+    rollout, calls = mopo.rollout, []
+
+    def rollout_then_sigterm(*args, **kwargs):  # the 5th round starts update 201, mid-epoch 2
+        calls.append(1)
+        if len(calls) == 5:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # main's, not pytest's
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(*args, **kwargs)
+    monkeypatch.setattr(mopo, "rollout", rollout_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        main_in(tmp_path, "--dataset-path", str(hopper_file), *RUN)
+    assert stopped.value.code == 143 and "SIGTERM: checkpoint at update 201" in capsys.readouterr().out
+    assert torch.load(run_dir_of(tmp_path) / "checkpoint.pt", weights_only=False)["step"] == 201  # where it stopped
+    monkeypatch.setattr(mopo, "rollout", rollout)
+    main_in(tmp_path, "--resume", str(run_dir_of(tmp_path)))
     results = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
     assert comparable(results) == comparable(reference[0])
 
