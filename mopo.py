@@ -26,13 +26,13 @@ D6  Penalty (Alg. 2): u(s,a) = max over ALL members of ‖σ_i(s,a)‖₂, rewar
     the authors' code uses the std). `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims, the
     authors' disagreement alternative (OfflineRL-Kit's `pairwise-diff`, not its `ensemble_std`).
 D7  Model step: per transition one random elite, (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u (authors' code; the
-    paper writes the mean r̂).
+    paper writes the mean r̂). Noise is drawn only for the chosen member.
 D8  Rollouts: `rollout_batch_size` dataset states, the current stochastic policy, h steps, every `rollout_freq`
     updates (the first before the first update); a branch stops when the termination function fires (done = 1).
 D9  Model buffer: FIFO of model_retain_epochs × rollout_batch_size × h rows; the authors size it per epoch, the same
     with the default schedule.
-D10 Batch mixing: int(real_ratio·batch_size) real rows + model rows, one batch. real_ratio 1: plain SAC on the
-    dataset, no rollouts (the model is still trained and saved).
+D10 Batch mixing: int(real_ratio·batch_size) real rows + model rows, one batch. real_ratio 0: model rows only (real
+    data only seeds rollouts); 1: plain SAC on the dataset, no rollouts (the model is still trained and saved).
 D11 Termination functions from MBPO/MOPO, tested against gymnasium's `terminated`; hopper's `abs()` bug (wrapping
     the whole `< 100` test) fixed. Hopper's env also ends on |qvel| > 100, which its clipped observation cannot show.
 D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` is wrong at episode ends); timeouts are
@@ -95,7 +95,7 @@ class Args:
     device: Optional[str] = None
     """a torch device to require, e.g. `cuda`, `cuda:1`, `cpu` (overrides --cuda; an error if unavailable)"""
     cuda_graph: bool = True
-    """on CUDA, replay the SAC update and the dynamics training step as recorded CUDA graphs (same math, ~6× faster)"""
+    """on CUDA, replay the SAC update and the dynamics step as recorded CUDA graphs (same math; H200: 12× faster)"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases"""
     wandb_project_name: str = "mopo"
@@ -665,7 +665,9 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         state = {"epoch": 0, "batch": 0, "epochs_since_update": 0, "hold": hold, "loss_sum": obs.new_zeros(()),
                  "best": obs.new_full((E,), 1e10), "snapshot": [p.detach().clone() for p in member_params],
                  "boot": shuffle(train[torch.randint(len(train), (E, len(train)), device=obs.device)])}  # [E, N]
-    else:
+    else:  # a checkpoint's state, loaded on the CPU
+        state = {k: v.to(obs.device) if torch.is_tensor(v) else v for k, v in state.items()}
+        state["snapshot"] = [s.to(obs.device) for s in state["snapshot"]]
         optimizer.load_state_dict(state["optimizer"])
     hold, n_batches = state["hold"], -(-state["boot"].shape[1] // B)
 

@@ -240,3 +240,30 @@ def test_spectral_norm_bound_on_cuda():
         assert (normalized <= 1 + 1e-3).all() and (normalized >= 0.99).all(), normalized
         assert ((raw - 1).abs() > 0.05).any()  # normalization did something
     assert stats["holdout_mse"] < variance
+
+
+def test_model_training_resumes_on_cuda_from_a_cpu_loaded_checkpoint():
+    """A checkpoint is read with map_location="cpu": its training state must come back to the GPU."""
+    obs, act, target = (x.to(CUDA) for x in known_system(1500))
+    args = types.SimpleNamespace(num_ensemble=4, num_elites=2, holdout_size=300, dynamics_lr=3e-3,
+                                 dynamics_batch_size=64, dynamics_max_epochs=3, cuda_graph=True)
+    saved = {}
+
+    def save(state, stop):
+        saved.update(state=torch.load(io_roundtrip(state), map_location="cpu", weights_only=False))
+    torch.manual_seed(0)
+    model = mopo.EnsembleDynamics(3, 2, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
+    args.dynamics_max_epochs = 2
+    mopo.train_dynamics(model, obs, act, target, args, save=save)  # saves after epoch 1
+    args.dynamics_max_epochs = 3
+    stats = mopo.train_dynamics(model, obs, act, target, args, state=saved["state"])
+    assert stats["epochs"] == 3 and math.isfinite(stats["holdout_mse"])
+
+
+def io_roundtrip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
