@@ -780,12 +780,12 @@ def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam:
 
 @torch.no_grad()
 def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: float, penalty_kind: str,
-                  termination_fn: Callable, generator=None) -> dict:
-    """Theorem 4.4's gauge: the deterministic policy's episodes in the learned model from start_obs [N, obs_dim],
+                  termination_fn: Callable, seed: int = 0) -> dict:
+    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the learned model from start_obs [N, obs_dim],
     up to `horizon` steps or the termination function. Per episode [N]: the raw model return Σ r (η of M̂), the
     penalized return Σ (r − λ·u) (η of M̃, a lower bound of the true return when λ·u bounds the model's error), and
-    the length."""
-    obs = start_obs
+    the length. Its own generator (`seed`) leaves training's random numbers untouched."""
+    obs, generator = start_obs, torch.Generator(start_obs.device).manual_seed(seed)
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
     for _ in range(horizon):
@@ -1058,6 +1058,7 @@ def restore(ckpt: dict, modules: dict, log_alpha, model_buffer: ReplayBuffer, de
     model_buffer.data[: len(rows)] = rows.to(device)
     model_buffer.count.fill_(model_buffer.size)
     set_rng_state(ckpt["rng"], device)
+    print(f"resumed {ckpt['run_dir']} at update {ckpt['step']}")
 
 
 def preempted(run_dir: Path, where: str):
@@ -1163,12 +1164,12 @@ def main(args: Args) -> dict:
         writer = make_writer(args, run_dir, start_step if resumed else ckpt and ckpt["training"]["epoch"] + 1)
 
         # Model learning (Alg. 2, line 1): independent of λ, h and SAC, so it can be trained once and reused
-        if ckpt is not None:
-            dynamics.load_state_dict(ckpt["dynamics"])
-            set_rng_state(ckpt["rng"], device)
         if resumed:
-            dyn_stats = ckpt["results"]["dynamics"]
+            dyn_stats = ckpt["results"]["dynamics"]  # its weights come back with the rest of the run in `restore`
         else:
+            if ckpt is not None:  # a run stopped during model training
+                dynamics.load_state_dict(ckpt["dynamics"])
+                set_rng_state(ckpt["rng"], device)
             if args.dynamics_path is None:
                 save = partial(save_dynamics_training, run_dir, args, fingerprint, dynamics, device)
                 dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer, ckpt and ckpt["training"],
@@ -1186,9 +1187,6 @@ def main(args: Args) -> dict:
         model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
         termination_fn = TERMINATION_FNS[task.family]
         eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        # evaluation runs on CPU twins: no GPU round trip per env step, and the gauge's small batches ran faster there
-        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
-        horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
             "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
@@ -1197,9 +1195,11 @@ def main(args: Args) -> dict:
                        results)
         if resumed:
             restore(ckpt, modules, log_alpha, model_buffer, device)
-            print(f"resumed {run_dir} at update {start_step}")
         else:
             save(step=0)
+        # evaluation runs on CPU twins: no GPU round trip per env step, and the gauge's small batches ran faster there
+        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
+        horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
             batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
@@ -1228,10 +1228,9 @@ def main(args: Args) -> dict:
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
                 eval_actor.load_state_dict(actor.state_dict())
                 episodes, start = evaluate(eval_actor, eval_envs, seed=args.seed + global_step)
-                gauge_rng = torch.Generator().manual_seed(args.seed + global_step)  # own RNG: training's is untouched
-                # Theorem 4.4's gauge (D17): the same policy from the same start states in the learned model
-                episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
-                                          horizon, lam, args.penalty, termination_fn, gauge_rng) if args.gauge else {}
+                if args.gauge:  # Theorem 4.4 (D17): the same policy from the same start states in the learned model
+                    episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
+                                              horizon, lam, args.penalty, termination_fn, args.seed + global_step)
                 record_evaluation(writer, results, summarize(task, episodes), epoch, global_step)
                 atomic_save(run_dir / "results.json", results)
             if checkpoint_now:

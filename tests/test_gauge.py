@@ -122,10 +122,10 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
         calls.setdefault("start", []).append(start)
         return episodes, start
 
-    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, generator):
+    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed):
         calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn))
-        calls.setdefault("rng", []).append(generator.initial_seed())
-        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, generator)
+        calls.setdefault("rng", []).append(seed)
+        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed)
     monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
     monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
     monkeypatch.chdir(tmp_path)
