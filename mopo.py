@@ -700,9 +700,7 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
         scalars = {"dynamics/train_loss": state["loss_sum"].item() / n_batches,
                    "dynamics/holdout_mse": mse.mean().item()}
         state["loss_sum"] = torch.zeros_like(state["loss_sum"])
-        check_finite(scalars, f"dynamics epoch {state['epoch']}", None)
-        for k, v in scalars.items() if writer is not None else ():
-            writer.add_scalar(k, v, state["epoch"])
+        log_scalars(writer, scalars, state["epoch"], None, where="dynamics epoch")
         bar.update()
         bar.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}")
         if state["epochs_since_update"] > 5 or state["epoch"] == args.dynamics_max_epochs:
@@ -969,12 +967,16 @@ def atomic_save(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def check_finite(scalars: dict, where: str, last_checkpoint: Optional[Path]) -> None:
-    """Stop at the first NaN/inf loss or penalty instead of training a silent NaN policy."""
+def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int, last_checkpoint: Optional[Path],
+                where: str = "update") -> None:
+    """Write scalars to TensorBoard, stopping at the first NaN/inf loss or penalty instead of training a silent NaN
+    policy."""
     for name, value in scalars.items():
         if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite {name} ({value}) at {where}; stopping. Last checkpoint: "
+            raise FloatingPointError(f"non-finite {name} ({value}) at {where} {step}; stopping. Last checkpoint: "
                                      f"{last_checkpoint or 'none'}")
+        if writer is not None:
+            writer.add_scalar(name, value, step)
 
 
 def load_dynamics(path: str, model: EnsembleDynamics, env_id: str) -> dict:
@@ -1116,12 +1118,6 @@ def make_writer(args: Args, run_dir: Path, purge_step: Optional[int]) -> Summary
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
-
-
-def log_scalars(writer: SummaryWriter, scalars: dict, step: int, last_checkpoint: Path) -> None:
-    check_finite(scalars, f"update {step}", last_checkpoint)
-    for k, v in scalars.items():
-        writer.add_scalar(k, v, step)
 
 
 def record_evaluation(writer: SummaryWriter, results: dict, summary: dict, epoch: int, step: int) -> None:
