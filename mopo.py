@@ -48,9 +48,11 @@ D15 Per-task (h, λ): OfflineRL-Kit's published -v2 settings; random from the au
     (TASK_DEFAULTS).
 D16 `--spectral-norm` (off): the paper's appendix normalizes every model layer but the variance head; the authors'
     code never did (tianheyu927/mopo #3), nor the published numbers. Power iteration batched over members, one step
-    per training forward; the final σ from an exact SVD.
+    per training forward; the final σ from an exact SVD, fixed from then on (rollouts and the gauge in eval mode).
 D17 The gauge (Theorem 4.4, ours): each evaluation also runs the deterministic policy in the learned model from the
     evaluation's start states (D7's sampling, to termination or the env's horizon), logging Σr and Σ(r − λ·u).
+D18 On CUDA, evaluation (ours) runs beside training: the episodes in a thread with a CPU copy of the actor taken at
+    its update, the gauge as a CUDA graph between updates; it is logged at the next evaluation or checkpoint.
 """
 
 import copy
@@ -64,6 +66,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -602,7 +605,7 @@ def adam(params, lr: float, device: torch.device, capturable: bool = False) -> t
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
 
 
-def cuda_graph(fn: Callable[[], dict]) -> Callable[[], dict]:
+def cuda_graph(fn: Callable) -> Callable:
     """Speed, GPU only: these small networks are launch-bound, so record fn's kernels once and replay them in one
     launch. fn must touch only tensors that stay in place (weights, optimizer states, buffers, fixed inputs); then
     each call of the result is one more call of fn, and returns the graph's outputs, overwritten by each replay."""
@@ -738,15 +741,15 @@ def penalty(mean, logvar, kind: str = "aleatoric"):
     raise ValueError(f"unknown penalty {kind!r}; use aleatoric or ensemble-std")
 
 
-def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination_fn: Callable, generator=None):
+def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination_fn: Callable):
     """One step in the learned model from obs, act [B, ·]: (sampled reward r [B], penalty u [B], s' [B, obs_dim],
     done [B] bool). The penalized MDP's reward is r̃ = r − λ·u (Alg. 2)."""
     mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
     u = penalty(mean, logvar, penalty_kind)  # [B]
-    member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device, generator=generator)]  # D7
+    member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device)]  # D7
     row = torch.arange(len(obs), device=obs.device)
     mu, std = mean[member, row], logvar[member, row].mul(0.5).exp()  # [B, 1 + obs_dim]
-    sample = mu + std * torch.randn(mu.shape, device=mu.device, generator=generator)
+    sample = mu + std * torch.randn(mu.shape, device=mu.device)
     rew, next_obs = sample[:, 0], obs + sample[:, 1:]
     done = termination_fn(obs, act, next_obs)  # [B] bool
     assert rew.shape == u.shape == done.shape == (len(obs),)
@@ -778,23 +781,31 @@ def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam:
 
 @torch.no_grad()
 def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: float, penalty_kind: str,
-                  termination_fn: Callable, seed: int = 0) -> dict:
+                  termination_fn: Callable, seed: int = 0, graph: bool = False) -> dict:
     """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the learned model from start_obs [N, obs_dim],
-    up to `horizon` steps or the termination function. Per episode [N]: the raw model return Σ r (η of M̂), the
-    penalized return Σ (r − λ·u) (η of M̃, a lower bound of the true return when λ·u bounds the model's error), and
-    the length. Its own generator (`seed`) leaves training's random numbers untouched."""
-    obs, generator = start_obs, torch.Generator(start_obs.device).manual_seed(seed)
+    up to `horizon` steps or the termination function. Per episode [N], on start_obs's device: the raw model return
+    Σ r (η of M̂), the penalized return Σ (r − λ·u) (η of M̃, a lower bound of the true return when λ·u bounds the
+    model's error), and the length. Random numbers from `seed`; training's generators are restored after. With
+    `graph` (CUDA) each step is replayed as a recorded graph and all `horizon` steps run: no host sync at all."""
+    obs = start_obs.clone()
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
-    for _ in range(horizon):
-        rew, u, obs, done = model_step(model, obs, actor.act(obs), penalty_kind, termination_fn, generator)
-        ret += torch.where(alive, rew, 0.0)  # a finished episode keeps stepping (fixed shapes) but earns nothing
-        penalized += torch.where(alive, rew - lam * u, 0.0)
-        length += alive
-        alive &= ~done
-        if not alive.any():
-            break
-    return {"model_return": ret.cpu(), "penalized_model_return": penalized.cpu(), "model_length": length.cpu()}
+
+    def step():  # in place; a finished episode keeps stepping (fixed shapes) but earns nothing
+        rew, u, next_obs, done = model_step(model, obs, actor.act(obs), penalty_kind, termination_fn)
+        ret.add_(torch.where(alive, rew, 0.0))
+        penalized.add_(torch.where(alive, rew - lam * u, 0.0))
+        length.add_(alive)
+        alive.logical_and_(~done)
+        obs.copy_(next_obs)
+    run = cuda_graph(step) if graph else step
+    with torch.random.fork_rng(devices=[obs.device] if obs.is_cuda else []):
+        torch.manual_seed(seed)
+        for _ in range(horizon):
+            run()
+            if not graph and not alive.any():
+                break
+    return {"model_return": ret, "penalized_model_return": penalized, "model_length": length}
 
 
 # === 6. SAC (Haarnoja et al. 2018, as in softlearning; D13) ===
@@ -937,11 +948,9 @@ def summarize(task: Task, episodes: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int) -> tuple[dict, np.ndarray]:
-    """One deterministic episode per sub-env, run side by side: ({"return": [N], "length": [N]}, start states
-    [N, obs_dim]). `actor` should live on the CPU: each step's action then needs no GPU round trip."""
-    obs, _ = envs.reset(seed=seed)
-    start_obs = obs.copy()
+def evaluate(actor: Actor, envs: gym.vector.VectorEnv, obs: np.ndarray) -> dict:
+    """One deterministic episode per sub-env from `obs` [N, obs_dim], what `envs.reset` just returned, run side by side:
+    {"return": [N], "length": [N]}. `actor` should live on the CPU: each step's action then needs no GPU round trip."""
     returns, lengths, running = np.zeros(envs.num_envs), np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
     device = actor.action_scale.device
     while running.any():
@@ -950,7 +959,61 @@ def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int) -> tuple[dict,
         returns += reward * running  # a finished sub-env auto-resets; its later rewards are not counted
         lengths += running
         running &= ~(terminated | truncated)
-    return {"return": returns, "length": lengths}, start_obs
+    return {"return": returns, "length": lengths}
+
+
+class Evaluator:
+    """Evaluation beside training (D18). `start` takes the policy at this update and launches its episodes in the env
+    (D14: in a thread, with a CPU copy of the actor) and in the learned model (D17: the gauge, on the training device;
+    on CUDA a recorded graph that the GPU runs between updates). `record` waits for them and logs: eval/ scalars, one
+    printed line, the evaluation appended to `results`, results.json. On the CPU `start` runs the episodes itself
+    and records at once (`in_turn`)."""
+
+    def __init__(self, task: Task, args: Args, actor: Actor, dynamics: EnsembleDynamics, lam: float, graph: bool,
+                 writer: SummaryWriter, results: dict, run_dir: Path):
+        self.task, self.args, self.actor, self.dynamics, self.lam, self.graph = task, args, actor, dynamics, lam, graph
+        self.writer, self.results, self.run_dir = writer, results, run_dir
+        self.device = actor.action_scale.device  # the training device
+        self.envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
+        self.cpu_actor = copy.deepcopy(actor).cpu()
+        self.horizon = self.envs.envs[0].spec.max_episode_steps or 1000  # the gauge's episodes: as long as the env's
+        self.thread, self.pending = ThreadPoolExecutor(max_workers=1), []  # [(episodes, gauge, epoch, step)]
+        self.in_turn = self.device.type == "cpu"  # beside training there, it only competes for the same cores
+
+    def start(self, epoch: int, step: int) -> None:
+        self.cpu_actor.load_state_dict(self.actor.state_dict())
+        obs, _ = self.envs.reset(seed=self.args.seed + step)
+        gauge = {}
+        if self.args.gauge:  # Theorem 4.4: the same policy from the same start states in the learned model
+            start = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            gauge = model_returns(self.actor, self.dynamics, start, self.horizon, self.lam, self.args.penalty,
+                                  TERMINATION_FNS[self.task.family], self.args.seed + step, self.graph)
+        if self.in_turn:  # here and now: run in the thread, even waited for, it slowed CPU runs by 20% (2 cores)
+            episodes = Future()
+            episodes.set_result(evaluate(self.cpu_actor, self.envs, obs))
+        else:
+            episodes = self.thread.submit(evaluate, self.cpu_actor, self.envs, obs)
+        self.pending.append((episodes, gauge, epoch, step))
+        if self.in_turn:
+            self.record()
+
+    def record(self) -> None:
+        for episodes, gauge, epoch, step in self.pending:
+            summary = summarize(self.task, episodes.result() | {k: v.cpu() for k, v in gauge.items()})
+            for k, v in summary.items():
+                self.writer.add_scalar(f"eval/{k}", v, step)
+            shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return")
+                     if k in summary]
+            tqdm.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
+                                                                   for k in shown))
+            self.results["evaluations"].append({"step": step, "epoch": epoch, **summary})
+            self.results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
+            atomic_save(self.run_dir / "results.json", self.results)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.thread.shutdown()
+        self.envs.close()
 
 
 # === 8. main: load → train the model → {rollout, SAC update, evaluate, log, checkpoint} → save ===
@@ -1120,17 +1183,6 @@ def make_writer(args: Args, run_dir: Path, purge_step: Optional[int]) -> Summary
     return writer
 
 
-def record_evaluation(writer: SummaryWriter, results: dict, summary: dict, epoch: int, step: int) -> None:
-    """eval/ scalars, one printed line, and the evaluation appended to `results` (saved as results.json)."""
-    for k, v in summary.items():
-        writer.add_scalar(f"eval/{k}", v, step)
-    shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return") if k in summary]
-    tqdm.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
-                                                           for k in shown))
-    results["evaluations"].append({"step": step, "epoch": epoch, **summary})
-    results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
-
-
 def main(args: Args) -> dict:
     sigterm = []  # a scheduler's SIGTERM (preemption, time limit) or Ctrl-C, from the start: checkpoint, exit 143
     previous = {s: signal.signal(s, lambda signum, _: sigterm.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -1174,6 +1226,7 @@ def main(args: Args) -> dict:
                                                   "env_id": args.env_id, "stats": dyn_stats})
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
               f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
+        dynamics.eval()  # only predictions from here on: rollouts and the gauge keep D16's exact σ
 
         # Policy optimization on the penalized MDP (Alg. 2, lines 2-9)
         actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt = sac = make_sac(env, args, device, graph)
@@ -1182,7 +1235,6 @@ def main(args: Args) -> dict:
         model_rows = args.model_retain_epochs * args.rollout_batch_size * h if args.real_ratio < 1 else 1  # D9, D10
         model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
         termination_fn = TERMINATION_FNS[task.family]
-        eval_envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
             "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
@@ -1193,9 +1245,7 @@ def main(args: Args) -> dict:
             restore(ckpt, modules, log_alpha, model_buffer, device)
         else:
             save(step=0)
-        # evaluation runs on CPU twins: no GPU round trip per env step, and the gauge's small batches ran faster there
-        eval_actor, eval_dynamics = copy.deepcopy(actor).cpu(), copy.deepcopy(dynamics).cpu()
-        horizon = env.spec.max_episode_steps or 1000  # the gauge's episodes are as long as the env's
+        evaluator = Evaluator(task, args, actor, dynamics, lam, graph, writer, results, run_dir)  # D14, D17, D18
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
             batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
@@ -1222,20 +1272,17 @@ def main(args: Args) -> dict:
                             run_dir / "checkpoint.pt")
                 bar.update(global_step - bar.n)
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-                eval_actor.load_state_dict(actor.state_dict())
-                episodes, start = evaluate(eval_actor, eval_envs, seed=args.seed + global_step)
-                if args.gauge:  # Theorem 4.4 (D17): the same policy from the same start states in the learned model
-                    episodes |= model_returns(eval_actor, eval_dynamics, torch.as_tensor(start, dtype=torch.float32),
-                                              horizon, lam, args.penalty, termination_fn, args.seed + global_step)
-                record_evaluation(writer, results, summarize(task, episodes), epoch, global_step)
-                atomic_save(run_dir / "results.json", results)
+                evaluator.record()  # the last one, done meanwhile (D18)
+                evaluator.start(epoch, global_step)
             if checkpoint_now:
+                evaluator.record()
                 save(step=global_step)
             if sigterm:
                 writer.close()
                 preempted(run_dir, f"update {global_step}")
         bar.update(total_updates - bar.n)
         bar.close()
+        evaluator.record()
 
         if args.save_model:
             atomic_save(run_dir / "model.pt", {k: v.state_dict() for k, v in modules.items() if "opt" not in k}
@@ -1243,7 +1290,7 @@ def main(args: Args) -> dict:
         save(step=total_updates)
         atomic_save(run_dir / "results.json", results)
         print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
-        for resource in (eval_envs, env, writer):
+        for resource in (evaluator, env, writer):
             resource.close()
         return results
     finally:

@@ -21,25 +21,33 @@ On CUDA each loop also runs as `main` runs it with `--cuda-graph` (the default t
 minibatch (a call captures once, so the marginal cost of an epoch, from a 1- and a 3-epoch call, is given too). The
 "mopo.py" column of the first table is then the eager path (`--no-cuda-graph`).
 
-Evaluation (as `main` runs it: 10 episodes side by side in a SyncVectorEnv, the policy on a CPU twin; then Theorem
-4.4's gauge `model_returns` on the training modules, from the episodes' start states, up to 1000 steps):
+Evaluation (10 episodes side by side in a SyncVectorEnv, the policy on a CPU twin; Theorem 4.4's gauge
+`model_returns` on the training modules, from the episodes' start states, up to 1000 steps):
 - hopper, with the benchmark's actor (short episodes: its policy falls at once);
 - full length: HalfCheetah (`halfcheetah-medium-v2`'s env never terminates: 10 × 1000 steps) with a random-init actor,
   and the gauge for 1000 steps in an ensemble of HalfCheetah's dims (random init, mean head zeroed so that 1000 model
-  steps stay finite: same compute), on CPU twins and, on CUDA, on the GPU modules; also the same 10 episodes in an
+  steps stay finite: same compute), on CPU twins and, on CUDA, on the GPU modules, eager and as a CUDA graph (what
+  `main` runs there; also the time its thread spends launching it); also the same 10 episodes in an
   AsyncVectorEnv (forkserver; its workers re-import this script, as they would mopo.py), for information;
-- one policy checkpoint write (weights, optimizer states, the full model buffer), as `main` writes every 10 epochs.
+- one policy checkpoint write (weights, optimizer states, the full model buffer), as `main` writes every 10 epochs;
+- on CUDA, one steady-state epoch as `main` runs it (a rollout round and 1,000 graph-replayed updates) alone, the
+  full-length HalfCheetah evaluation alone through `mopo.Evaluator` (episodes in its thread, gauge as a graph), and
+  both at once (D18): what an evaluation adds to an epoch beside which it runs.
 
 `--e2e-epochs N` (default 20 on CUDA, 0 = skip on CPU): `mopo.main` on hopper-medium-v2 with the generated data and
 an ensemble trained here (`--dynamics-path`), N epochs of 1,000 updates, 10 evaluation episodes every epoch, all other
 settings default, in a temporary folder; on CUDA once with CUDA graphs and once eager (`--skip-eager-e2e`;
-`--e2e-eager-epochs`); `--budget-s` shortens (or skips) either run to end in time. Its wall time is measured around `main`; its parts by timing
-mopo's own `rollout`, `evaluate`, `model_returns` and `atomic_save` as `main` calls them (wrapped, device synced):
-policy phase = first rollout to the end of `main`; updates/s excludes evaluations and checkpoint writes.
+`--e2e-eager-epochs`); `--budget-s` shortens (or skips) either run to end in time. Its wall time is measured around
+`main`; its parts by timing what `main` calls: `rollout` and checkpoint writes (device synced), and, unsynced, the time
+main's thread spends in `Evaluator.start` and `Evaluator.record` and the episodes' time in the evaluation thread.
+Policy phase = first rollout to the end of `main`; updates/s excl. eval leaves out main's time in evaluation and
+checkpoint writes.
 
 Projection of a D4RL-sized run (1M transitions, 1M updates, 10 episodes every 1,000 updates, checkpoint every 10
-epochs, dynamics to early stopping) from the measured parts; with `--dynamics-to-early-stop` the ensemble is also
-trained to early stopping on the generated data (its epoch count stands in for E; capped by `--early-stop-max-s`).
+epochs, dynamics to early stopping) from the measured parts (on CUDA, evaluations at what one adds to an epoch beside
+it, and in full at the 100 checkpoints, where main waits for the evaluation it just started); with
+`--dynamics-to-early-stop` the ensemble is also trained to early stopping on the generated data (its epoch count
+stands in for E; capped by `--early-stop-max-s`).
 Peak memory: max RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA (after the loops).
 """
 
@@ -50,6 +58,7 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -282,8 +291,13 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     save("MOPO phase")
 
     # --- evaluation -------------------------------------------------------------------------------------------------
-    evaluation_costs(args, task, actor, dynamics, device, results)
+    gauge_models = evaluation_costs(args, task, actor, dynamics, device, results)
     save("evaluation")
+    if gauge_models is not None and "graph_updates_per_s" in results["mopo_phase"]:  # CUDA: main's steady state
+        with optional(results, "evaluation beside training"):
+            results["beside_training"] = beside_training(args, device, lambda: phase(g_roll, g_update), *gauge_models,
+                                                         tmp)
+        save("evaluation beside training")
     modules = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": opts[0],
                "actor_opt": opts[1], "alpha_opt": opts[2]}
     checkpoint = lambda: mopo.atomic_save(tmp / "checkpoint.pt", {  # what main's policy checkpoint holds  # noqa: E731
@@ -322,13 +336,13 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
         dyn_path = tmp / "dynamics.pt"
         mopo.atomic_save(dyn_path, {"state_dict": trained.state_dict(), "config": trained.config,
                                     "env_id": margs.env_id, "stats": stats})
-        full, phase = results["evaluation_full_length"], results["mopo_phase"]
+        full, rates = results["evaluation_full_length"], results["mopo_phase"]
         runs = results["end_to_end"] = []
         for graph in ([True, False] if cuda and not args.skip_eager_e2e else [cuda]):
-            rate = phase.get("graph_updates_per_s", phase["updates_per_s"]) if graph else phase["updates_per_s"]
+            rate = rates.get("graph_updates_per_s", rates["updates_per_s"]) if graph else rates["updates_per_s"]
             if runs:  # evaluations, writes and setup as the first run measured them
                 g = runs[0]
-                eval_s, setup_s = (g["evaluation_s"] + g["gauge_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
+                eval_s, setup_s = (g["main_thread_evaluation_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
             else:  # a full-length evaluation bounds hopper's
                 eval_s, setup_s = full["sync_s"] + full.get("gauge_device_s", full["gauge_cpu_s"]), 15
             label = ("cuda graph" if graph else "cuda eager") if cuda else "cpu"
@@ -347,14 +361,15 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     return results
 
 
-def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
-    """Seconds per evaluation as main runs it (episodes with a CPU twin of the actor, the gauge on the training
-    modules), for hopper and for full-length HalfCheetah episodes; the gauge also on CPU twins."""
-    n = args.eval_episodes
+def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> Optional[tuple]:
+    """Seconds per evaluation (episodes with a CPU twin of the actor, the gauge on the training modules), for hopper
+    and for full-length HalfCheetah episodes; the gauge also on CPU twins, and on CUDA eager and as a graph (as main
+    runs it there). Returns HalfCheetah's GPU actor and ensemble where the graph ran, for `beside_training`."""
+    n, models = args.eval_episodes, None
     lam, kind = 1.0, "aleatoric"
     envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * n)
     eval_actor = copy.deepcopy(actor).cpu()
-    seconds, (episodes, start) = timed(lambda: mopo.evaluate(eval_actor, envs, seed=0), device)
+    seconds, (episodes, start) = timed(lambda: episodes_from_reset(eval_actor, envs), device)
     envs.close()
     out["evaluation"] = {"s": seconds, "episodes": n, "mean_return": float(episodes["return"].mean()),
                          "steps": int(episodes["length"].sum())}
@@ -368,7 +383,7 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
     envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(hc)] * n)
     hc_obs, hc_act = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     hc_actor = mopo.Actor(hc_obs, hc_act, envs.single_action_space.low, envs.single_action_space.high)  # CPU
-    seconds, (episodes, start) = timed(lambda: mopo.evaluate(hc_actor, envs, seed=0), device)
+    seconds, (episodes, start) = timed(lambda: episodes_from_reset(hc_actor, envs), device)
     envs.close()
     env_steps, vector_steps = int(episodes["length"].sum()), int(episodes["length"].max())
     full = {"sync_s": seconds, "episodes": n, "env_steps": env_steps, "sync_us_per_env_step": seconds / env_steps * 1e6,
@@ -379,7 +394,7 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
             began = time.perf_counter()
             envs = gym.vector.AsyncVectorEnv([functools.partial(mopo.make_env, hc)] * n, context="forkserver")
             startup = time.perf_counter() - began
-            seconds, (a_episodes, _) = timed(lambda: mopo.evaluate(hc_actor, envs, seed=0), device)
+            seconds, (a_episodes, _) = timed(lambda: episodes_from_reset(hc_actor, envs), device)
             envs.close()
             full |= {"async_s": seconds, "async_startup_s": startup, "async_env_steps": int(a_episodes["length"].sum())}
     hc_dynamics = mopo.EnsembleDynamics(hc_obs, hc_act)
@@ -387,8 +402,8 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
         hc_dynamics.mean_head.weight.zero_()  # Δs = noise only: 1000 steps stay finite; the same compute
     start = torch.as_tensor(start, dtype=torch.float32)
 
-    def gauge(actor, model, s0, horizon=args.gauge_horizon):
-        return mopo.model_returns(actor, model, s0, horizon, lam, kind, mopo.halfcheetah_done)
+    def gauge(actor, model, s0, horizon=args.gauge_horizon, graph=False):
+        return mopo.model_returns(actor, model, s0, horizon, lam, kind, mopo.halfcheetah_done, graph=graph)
     gauge(hc_actor, hc_dynamics, start, 5)  # warm-up
     seconds, g = timed(lambda: gauge(hc_actor, hc_dynamics, start), device)
     model_steps = int(g["model_length"].max())
@@ -399,7 +414,57 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
             gauge(d_actor, d_dynamics, d_start, 5)  # warm-up
             seconds, _ = timed(lambda: gauge(d_actor, d_dynamics, d_start), device)
             full |= {"gauge_device_s": seconds, "gauge_device_ms_per_step": seconds / model_steps * 1e3}
+        with optional(out, "gauge as a CUDA graph"):  # as main runs it with --cuda-graph: one graph per evaluation
+            gauge(d_actor, d_dynamics, d_start, graph=True)  # warm-up
+            seconds, _ = timed(lambda: gauge(d_actor, d_dynamics, d_start, graph=True), device)
+            sync(device)
+            began = time.perf_counter()
+            gauge(d_actor, d_dynamics, d_start, graph=True)
+            launch_s = time.perf_counter() - began  # what main's thread spends: the GPU runs the rest between updates
+            sync(device)
+            full |= {"gauge_graph_s": seconds, "gauge_graph_ms_per_step": seconds / args.gauge_horizon * 1e3,
+                     "gauge_graph_launch_s": launch_s}
+            models = d_actor, d_dynamics
     out["evaluation_full_length"] = full
+    return models
+
+
+def episodes_from_reset(actor, envs, seed=0):
+    """An evaluation's episodes as `Evaluator.start` runs them: reset with the seed, then `evaluate` from there."""
+    obs, _ = envs.reset(seed=seed)
+    return mopo.evaluate(actor, envs, obs), torch.as_tensor(obs, dtype=torch.float32)
+
+
+def beside_training(args, device, epoch, actor, dynamics, tmp, repeat=3) -> dict:
+    """One steady-state epoch as main runs it on CUDA with full-length evaluations: `epoch` (a rollout round and 1,000
+    graph-replayed updates) alone; `mopo.Evaluator`'s evaluation alone (HalfCheetah: 10 × 1000 env steps in its
+    thread with a CPU copy of the actor, the gauge as a CUDA graph on `actor` and `dynamics`); and both, the
+    evaluation started as the epoch starts and waited for after it, as main waits at the next evaluation. Medians
+    of `repeat`, after one warm-up of each."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hc = mopo.make_task("halfcheetah-medium-v2")
+    writer = SummaryWriter(str(tmp / "beside_training"))
+    evaluator = mopo.Evaluator(hc, mopo.Args(eval_episodes=args.eval_episodes, seed=args.seed), actor, dynamics, 1.0,
+                               True, writer, {"evaluations": []}, tmp)
+
+    def evaluation():
+        evaluator.start(0, 0)
+        evaluator.record()
+
+    def both():
+        evaluator.start(0, 0)
+        epoch()
+        evaluator.record()
+    out = {}
+    for name, fn in (("epoch_alone_s", epoch), ("evaluation_alone_s", evaluation), ("epoch_beside_evaluation_s", both)):
+        fn()
+        out[name + "_all"] = [timed(fn, device)[0] for _ in range(repeat)]
+        out[name] = statistics.median(out[name + "_all"])
+    evaluator.close()
+    writer.close()
+    out["evaluation_cost_beside_s"] = out["epoch_beside_evaluation_s"] - out["epoch_alone_s"]
+    return out
 
 
 class Deadline:
@@ -443,42 +508,51 @@ def end_to_end(args, dataset, dyn_path, device, cuda_graph, epochs, tmp, label) 
     margs = mopo.Args(env_id="hopper-medium-v2", dataset_path=str(dataset), dynamics_path=str(dyn_path),
                       epochs=epochs, device=str(device), cuda_graph=cuda_graph,
                       rollout_batch_size=args.rollout_batch_size, seed=args.seed)
-    spans = {name: [] for name in ("rollout", "evaluate", "model_returns", "atomic_save")}
-    originals = {name: getattr(mopo, name) for name in spans}
+    # (owner, name, device-synced): main's thread spends evaluation time in Evaluator.start (a copy of the actor, the
+    # env reset, the gauge's launch) and Evaluator.record (waiting for the thread and the gauge, logging); the
+    # episodes themselves (`evaluate`) run in the evaluation thread: on CUDA beside training, on the CPU in turn
+    wrapped = [(mopo, "rollout", True), (mopo, "atomic_save", True), (mopo, "evaluate", False),
+               (mopo.Evaluator, "start", False), (mopo.Evaluator, "record", False)]
+    spans = {name: [] for _, name, _ in wrapped} | {"checkpoint.pt": []}
 
-    def wrap(name, fn):
+    def wrap(name, fn, synced):
         def timed_call(*a, **k):
-            sync(device)
+            if synced:
+                sync(device)
             began = time.perf_counter()
             out = fn(*a, **k)
-            sync(device)
+            if synced:
+                sync(device)
             spans[name].append((began, time.perf_counter()))
+            if name == "atomic_save" and Path(a[0]).name == "checkpoint.pt":
+                spans["checkpoint.pt"].append(spans[name][-1])
             return out
         return timed_call
     folder = Path(tempfile.mkdtemp(dir=tmp))
     cwd = os.getcwd()
     os.chdir(folder)
-    for name, fn in originals.items():
-        setattr(mopo, name, wrap(name, fn))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in wrapped]
+    for (owner, name, synced), (_, _, fn) in zip(wrapped, originals):
+        setattr(owner, name, wrap(name, fn, synced))
     try:
         began = time.perf_counter()
         mopo.main(margs)
         ended = time.perf_counter()
     finally:
-        for name, fn in originals.items():
-            setattr(mopo, name, fn)
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
         os.chdir(cwd)
     total = lambda name: sum(b - a for a, b in spans[name])  # noqa: E731
     first_rollout = spans["rollout"][0][0]
-    checkpoint_s = total("atomic_save") - sum(b - a for a, b in spans["atomic_save"] if a < first_rollout)
+    checkpoint_s = sum(b - a for a, b in spans["checkpoint.pt"] if a > first_rollout)
+    main_eval_s = total("start") + total("record")
     policy_s = ended - first_rollout
     updates = epochs * margs.steps_per_epoch
-    training_s = policy_s - total("evaluate") - total("model_returns") - checkpoint_s
     return {"label": label, "epochs": epochs, "updates": updates, "wall_s": ended - began,
             "setup_s": first_rollout - began, "policy_phase_s": policy_s, "evaluation_s": total("evaluate"),
-            "gauge_s": total("model_returns"), "rollout_s": total("rollout"), "checkpoint_s": checkpoint_s,
-            "updates_per_s_excl_eval": updates / training_s, "updates_per_s_incl_eval": updates / policy_s,
-            "tensorboard_last_sps": last_sps(folder)}
+            "main_thread_evaluation_s": main_eval_s, "rollout_s": total("rollout"), "checkpoint_s": checkpoint_s,
+            "updates_per_s_excl_eval": updates / (policy_s - main_eval_s - checkpoint_s),
+            "updates_per_s_incl_eval": updates / policy_s, "tensorboard_last_sps": last_sps(folder)}
 
 
 def last_sps(folder: Path) -> Optional[float]:
@@ -497,7 +571,7 @@ def last_sps(folder: Path) -> Optional[float]:
 def projection(r: dict) -> dict:
     """A D4RL-sized run from the measured parts (FULL_RUN); E = dynamics epochs."""
     full, dyn = r["evaluation_full_length"], r["dynamics_epoch"]
-    gauge_s = full.get("gauge_device_s", full["gauge_cpu_s"])  # main gauges on the training device
+    gauge_s = full.get("gauge_graph_s", full.get("gauge_device_s", full["gauge_cpu_s"]))  # as main gauges
     graph = "graph_updates_per_s" in r["mopo_phase"]  # as main runs it: with CUDA graphs where they ran
     updates_per_s = r["mopo_phase"]["graph_updates_per_s" if graph else "updates_per_s"]
     epoch_s = dyn["s"]
@@ -505,10 +579,17 @@ def projection(r: dict) -> dict:
         epoch_s = dyn["graph_marginal_s"] if dyn["graph_marginal_s"] > 0 else dyn["graph_s"]
     epoch_s *= FULL_RUN["transitions"] / r["dataset_size"]
     parts = {"updates_s": FULL_RUN["updates"] / updates_per_s,
-             "evaluations_s": FULL_RUN["evaluations"] * (full["sync_s"] + gauge_s),
+             "evaluations_s": FULL_RUN["evaluations"] * (full["sync_s"] + gauge_s),  # in turn (CPU)
              "checkpoints_s": FULL_RUN["checkpoints"] * r["checkpoint"]["s"]}
+    beside = r.get("beside_training")
+    if beside:  # CUDA (D18): an evaluation costs what it adds to an epoch beside which it runs; at the 100 checkpoints
+        # main waits for the evaluation it just started, so those cost a whole evaluation
+        evals, ckpts = FULL_RUN["evaluations"], FULL_RUN["checkpoints"]
+        parts["evaluations_s"] = ((evals - ckpts) * max(0.0, beside["evaluation_cost_beside_s"])
+                                  + ckpts * beside["evaluation_alone_s"])
     fixed = sum(parts.values())
-    out = {"updates_per_s": updates_per_s, "updates_path": "cuda graph" if graph else "eager",
+    out = {"evaluations_beside_training": bool(beside), "updates_per_s": updates_per_s,
+           "updates_path": "cuda graph" if graph else "eager",
            "evaluation_s": full["sync_s"], "gauge_s": gauge_s,
            "checkpoint_s": r["checkpoint"]["s"], "dynamics_epoch_s_at_1M": epoch_s, **parts,
            "break_even_dynamics_epochs": max(0, math.floor((FULL_RUN["budget_s"] - fixed) / epoch_s)),
@@ -580,6 +661,18 @@ def table(r):
     if "gauge_device_s" in full:
         lines.append(f"| gauge on the GPU modules | {full['gauge_device_s']:.2f} | {full['gauge_steps']} model | "
                      f"{full['gauge_device_ms_per_step']:.2f} ms |")
+    if "gauge_graph_s" in full:
+        lines.append(f"| gauge on the GPU modules, CUDA graph (main's thread: {full['gauge_graph_launch_s']:.3f} s to "
+                     f"launch) | {full['gauge_graph_s']:.2f} | {full['gauge_steps']} model | "
+                     f"{full['gauge_graph_ms_per_step']:.3f} ms |")
+    if "beside_training" in r:
+        b = r["beside_training"]
+        lines += ["", "| one epoch on CUDA (rollout + 1,000 graph updates), full-length evaluation | s (median of 3) |",
+                  "|---|---|", f"| epoch alone | {b['epoch_alone_s']:.3f} |",
+                  f"| evaluation alone (Evaluator: episodes in its thread, gauge as a graph) | "
+                  f"{b['evaluation_alone_s']:.3f} |",
+                  f"| epoch with the evaluation beside it | {b['epoch_beside_evaluation_s']:.3f} |",
+                  f"| what the evaluation adds to the epoch | {b['evaluation_cost_beside_s']:.3f} |"]
     lines.append(f"| policy checkpoint ({r['checkpoint']['model_buffer_rows']} model rows, "
                  f"{r['checkpoint']['mb']:.0f} MB) | {r['checkpoint']['s']:.2f} | | |")
     if "dynamics_early_stop" in r:
@@ -589,11 +682,12 @@ def table(r):
                      f"s/epoch){cut}")
     if r.get("end_to_end"):
         lines += ["", "| mopo.main, hopper | epochs | wall | setup | policy phase | updates/s excl. eval | "
-                  "eval + gauge per epoch | checkpoints | TensorBoard SPS |", "|---|---|---|---|---|---|---|---|---|"]
+                  "main's thread in evaluation per epoch | checkpoints | TensorBoard SPS |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for e in r["end_to_end"]:
             lines.append(f"| {e['label']} | {e['epochs']} | {e['wall_s']:.1f} s | {e['setup_s']:.1f} s | "
                          f"{e['policy_phase_s']:.1f} s | {e['updates_per_s_excl_eval']:.0f} | "
-                         f"{(e['evaluation_s'] + e['gauge_s']) / e['epochs']:.2f} s | {e['checkpoint_s']:.1f} s | "
+                         f"{e['main_thread_evaluation_s'] / e['epochs']:.2f} s | {e['checkpoint_s']:.1f} s | "
                          f"{e['tensorboard_last_sps']} |")
     if "end_to_end_skipped" in r:
         lines.append(f"end-to-end skipped: {r['end_to_end_skipped']}")
@@ -601,8 +695,11 @@ def table(r):
     lines += ["", "| full run (1M transitions, 1M updates) | from | projected |", "|---|---|---|",
               f"| updates incl. rollouts | 1M / {p['updates_per_s']:.0f} updates/s ({p['updates_path']}) | "
               f"{hm(p['updates_s'])} |",
-              f"| evaluations, 1000 × 10 full-length episodes + gauge | 1000 × ({p['evaluation_s']:.2f} + "
-              f"{p['gauge_s']:.2f}) s | {hm(p['evaluations_s'])} |",
+              (f"| evaluations, 1000 × 10 full-length episodes + gauge, beside training | 900 × what one adds to "
+               f"an epoch + 100 × alone (at checkpoints) | {hm(p['evaluations_s'])} |"
+               if p["evaluations_beside_training"] else
+               f"| evaluations, 1000 × 10 full-length episodes + gauge | 1000 × ({p['evaluation_s']:.2f} + "
+               f"{p['gauge_s']:.2f}) s | {hm(p['evaluations_s'])} |"),
               f"| checkpoints, 100 | 100 × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
     if "early_stop_epochs" in p:
         lines += [f"| dynamics, {p['early_stop_epochs']} epochs (early stop on the generated data"

@@ -146,7 +146,8 @@ def test_main_on_cuda_with_graphs_trains_the_policy(hopper_file, tmp_path, monke
     assert made["capturable"] is True
     sac_graph = [g for g in graphs if "after_capture" in g]
     assert len(sac_graph) == 1 and sac_graph[0]["calls"] == 120  # one graph for the whole policy phase
-    assert len(graphs) == 2 and all(g["calls"] > 4 for g in graphs)  # and one for the dynamics step (2 epochs)
+    # and one for the dynamics step (2 epochs), one per evaluation for the gauge's model step (1,000 replays each)
+    assert len(graphs) == 4 and all(g["calls"] > 4 for g in graphs) and [g["calls"] for g in graphs[2:]] == [1000] * 2
     names = [name for name, _ in made["actor"].named_parameters()]
     final = [p.detach().cpu() for p in made["actor"].parameters()]
     assert all(torch.equal(ckpt["actor"][name], p) for name, p in zip(names, final))  # the last checkpoint has it
@@ -195,6 +196,27 @@ def test_main_on_cuda_without_graphs(hopper_file, tmp_path, monkeypatch):
     results = mopo.main(cuda_args(hopper_file, cuda_graph=False))
     check_finished(results, next((tmp_path / "runs").iterdir()))
     assert made["capturable"] is False
+
+
+# --- c2. the gauge's model step: graph = eager ---
+def test_gauge_replayed_as_a_graph_equals_eager_and_restores_training_rng():
+    """Seeded alike, the recorded step draws the random numbers the eager one draws (graph-safe RNG); episodes that
+    ended earn nothing however long the graph keeps stepping them; training's generator is as it was."""
+    torch.manual_seed(0)
+    model = mopo.EnsembleDynamics(OBS, ACT, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
+    actor = mopo.Actor(OBS, ACT, -np.ones(ACT), np.ones(ACT)).to(CUDA)
+    start = torch.randn(10, OBS, device=CUDA)
+    done = lambda obs, act, next_obs: next_obs[:, 0].abs() > 3  # noqa: E731 - a random walk: some end early
+    before = torch.cuda.get_rng_state()
+    eager = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=7)
+    graphed = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=7, graph=True)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert eager["model_length"].min() < eager["model_length"].max()  # episodes of different lengths
+    for k in eager:
+        assert graphed[k].is_cuda
+        torch.testing.assert_close(graphed[k], eager[k], msg=k)
+    other = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=8, graph=True)
+    assert not torch.equal(other["model_return"], graphed["model_return"])  # the seed matters
 
 
 # --- d. the dynamics step: graph = eager ---

@@ -117,15 +117,14 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
     calls = {}
     evaluate, model_returns = mopo.evaluate, mopo.model_returns
 
-    def evaluate_spy(actor, envs, seed):
-        episodes, start = evaluate(actor, envs, seed)
-        calls.setdefault("start", []).append(start)
-        return episodes, start
+    def evaluate_spy(actor, envs, obs):
+        calls.setdefault("start", []).append(obs.copy())
+        return evaluate(actor, envs, obs)
 
-    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed):
-        calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn))
+    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed, graph):
+        calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn, graph))
         calls.setdefault("rng", []).append(seed)
-        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed)
+        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed, graph)
     monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
     monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
     monkeypatch.chdir(tmp_path)
@@ -136,10 +135,10 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
 
     # the gauge runs from the evaluation's own start states, as long as the env's episodes, with the run's λ
     assert len(calls["gauge"]) == len(calls["start"]) == 2
-    for start, (start_obs, horizon, lam, penalty_kind, termination_fn) in zip(calls["start"], calls["gauge"]):
-        assert start.shape == (3, 11) and torch.equal(start_obs.cpu(), torch.as_tensor(start, dtype=torch.float32))
-        assert (horizon, lam, penalty_kind, termination_fn) == (1000, 2.0, "aleatoric", mopo.hopper_done)
-    assert calls["rng"] == [1 + 10, 1 + 20]  # its own generator per evaluation (seed + update): training's RNG untouched
+    for start, (start_obs, horizon, lam, penalty_kind, termination_fn, graph) in zip(calls["start"], calls["gauge"]):
+        assert start.shape == (3, 11) and torch.equal(start_obs, torch.as_tensor(start, dtype=torch.float32))
+        assert (horizon, lam, penalty_kind, termination_fn, graph) == (1000, 2.0, "aleatoric", mopo.hopper_done, False)
+    assert calls["rng"] == [1 + 10, 1 + 20]  # its own seed per evaluation (seed + update): training's RNG untouched
 
     run_dir = next((tmp_path / "runs").iterdir())
     assert results == json.loads((run_dir / "results.json").read_text())
@@ -163,7 +162,8 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
 
 
 def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monkeypatch):
-    """The gauge draws from its own generator: evaluating more often leaves the trained policy as it was."""
+    """The gauge seeds its own random numbers and restores training's: evaluating more often leaves the trained
+    policy as it was."""
     weights = []
     for eval_freq in (1, 2):
         (tmp_path / str(eval_freq)).mkdir()
@@ -174,3 +174,32 @@ def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monke
         (run_dir,) = (tmp_path / str(eval_freq) / "runs").iterdir()
         weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["actor"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_evaluations_recorded_later_are_the_same_and_every_checkpoint_holds_its_own(hopper_file, tmp_path,
+                                                                                     monkeypatch):
+    """D18: on CUDA an evaluation runs beside the next epoch and is recorded at the next evaluation or checkpoint.
+    Forced here on the CPU, it gives the evaluations it gives in turn, and each checkpoint holds every evaluation up
+    to its update (a resumed run then misses none)."""
+    init, save = mopo.Evaluator.__init__, mopo.save_policy_training
+    runs = {}
+    for in_turn in (True, False):
+        def init_spy(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.in_turn = in_turn
+        checkpoints = []  # (update, the steps of the evaluations it holds)
+
+        def save_spy(*args, step):
+            checkpoints.append((step, [e["step"] for e in args[7]["evaluations"]]))
+            return save(*args, step=step)
+        monkeypatch.setattr(mopo.Evaluator, "__init__", init_spy)
+        monkeypatch.setattr(mopo, "save_policy_training", save_spy)
+        (tmp_path / str(in_turn)).mkdir()
+        monkeypatch.chdir(tmp_path / str(in_turn))
+        results = mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=1.0, epochs=3,
+                                      steps_per_epoch=10, rollout_freq=10, rollout_batch_size=50, eval_episodes=2,
+                                      checkpoint_freq=2, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32,
+                                      log_freq=5, device="cpu"))
+        runs[in_turn] = results["evaluations"], checkpoints
+    assert runs[False] == runs[True]
+    assert runs[False][1] == [(0, []), (20, [10, 20]), (30, [10, 20, 30])]

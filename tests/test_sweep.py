@@ -61,6 +61,9 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     patch = pytest.MonkeyPatch()
     patch.setenv("D4RL_DATASET_DIR", str(data))  # the jobs inherit it
+    # plan() gives each local run cores // --max-parallel torch threads: 8 on a 16-core GPU machine, where beside the
+    # suite's xdist workers the runs oversubscribed it and outlasted the timeout. 2 cores, as CI: 1 thread per run.
+    patch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     seen = {}
     watcher = threading.Thread(target=signal_after_first_evaluation, args=(root / SIGNALLED, seen), daemon=True)
     watcher.start()
