@@ -456,14 +456,24 @@ def beside_training(args, device, epoch, actor, dynamics, tmp, repeat=3) -> dict
         evaluator.start(0, 0)
         epoch()
         evaluator.record()
-    out = {}
-    for name, fn in (("epoch_alone_s", epoch), ("evaluation_alone_s", evaluation), ("epoch_beside_evaluation_s", both)):
+    def both_at_default_switch_interval():  # Evaluator's 0.1 ms switch interval undone, for comparison
+        set_interval = sys.setswitchinterval
+        sys.setswitchinterval = lambda interval: None
+        try:
+            both()
+        finally:
+            sys.setswitchinterval = set_interval
+    out = {"switch_interval_s": sys.getswitchinterval()}
+    for name, fn in (("epoch_alone_s", epoch), ("evaluation_alone_s", evaluation), ("epoch_beside_evaluation_s", both),
+                     ("epoch_beside_evaluation_default_switch_s", both_at_default_switch_interval)):
         fn()
         out[name + "_all"] = [timed(fn, device)[0] for _ in range(repeat)]
         out[name] = statistics.median(out[name + "_all"])
     evaluator.close()
     writer.close()
     out["evaluation_cost_beside_s"] = out["epoch_beside_evaluation_s"] - out["epoch_alone_s"]
+    out["evaluation_cost_beside_default_switch_s"] = (out["epoch_beside_evaluation_default_switch_s"]
+                                                      - out["epoch_alone_s"])
     return out
 
 
@@ -672,7 +682,9 @@ def table(r):
                   f"| evaluation alone (Evaluator: episodes in its thread, gauge as a graph) | "
                   f"{b['evaluation_alone_s']:.3f} |",
                   f"| epoch with the evaluation beside it | {b['epoch_beside_evaluation_s']:.3f} |",
-                  f"| what the evaluation adds to the epoch | {b['evaluation_cost_beside_s']:.3f} |"]
+                  f"| what the evaluation adds to the epoch | {b['evaluation_cost_beside_s']:.3f} |",
+                  f"| the same at Python's default switch interval ({b['switch_interval_s'] * 1e3:.0f} ms; Evaluator: "
+                  f"0.1 ms) | {b['evaluation_cost_beside_default_switch_s']:.3f} |"]
     lines.append(f"| policy checkpoint ({r['checkpoint']['model_buffer_rows']} model rows, "
                  f"{r['checkpoint']['mb']:.0f} MB) | {r['checkpoint']['s']:.2f} | | |")
     if "dynamics_early_stop" in r:

@@ -2,6 +2,7 @@
 evaluation; summed by hand on a stand-in model, and logged by a real run to results.json and TensorBoard."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_evaluations_recorded_later_are_the_same_and_every_checkpoint_holds_its_
     Forced here on the CPU, it gives the evaluations it gives in turn, and each checkpoint holds every evaluation up
     to its update (a resumed run then misses none)."""
     init, save = mopo.Evaluator.__init__, mopo.save_policy_training
-    runs = {}
+    runs, switch_interval = {}, sys.getswitchinterval()
     for in_turn in (True, False):
         def init_spy(self, *args, **kwargs):
             init(self, *args, **kwargs)
@@ -203,3 +204,4 @@ def test_evaluations_recorded_later_are_the_same_and_every_checkpoint_holds_its_
         runs[in_turn] = results["evaluations"], checkpoints
     assert runs[False] == runs[True]
     assert runs[False][1] == [(0, []), (20, [10, 20]), (30, [10, 20, 30])]
+    assert sys.getswitchinterval() == switch_interval  # lowered only while an evaluation ran beside training
