@@ -456,6 +456,7 @@ def beside_training(args, device, epoch, actor, dynamics, tmp, repeat=3) -> dict
         evaluator.start(0, 0)
         epoch()
         evaluator.record()
+
     def both_at_default_switch_interval():  # Evaluator's 0.1 ms switch interval undone, for comparison
         set_interval = sys.setswitchinterval
         sys.setswitchinterval = lambda interval: None
