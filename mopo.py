@@ -1255,7 +1255,7 @@ def main(args: Args) -> dict:
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
             batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
             return sac_update(batch, *sac, args)
-        if graph:  # the same update, recorded once and replayed (H200: 0.60 ms vs 7.15 ms eager, benchmarks/speed.py)
+        if graph:  # the same update, recorded once and replayed (H200: 0.60 ms vs 6.33 ms eager, benchmarks/speed.py)
             update = cuda_graph(update)
         total_updates, start_time = args.epochs * args.steps_per_epoch, time.time()
         bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd", disable=None)  # a terminal only
@@ -1297,6 +1297,8 @@ def main(args: Args) -> dict:
         print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
         for resource in (evaluator, env, writer):
             resource.close()
+        if args.track:  # the wandb run that make_writer started
+            sys.modules["wandb"].finish()
         return results
     finally:
         for s, handler in previous.items():

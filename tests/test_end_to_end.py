@@ -68,3 +68,19 @@ def test_gymnasium_task_needs_a_dataset_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="InvertedPendulum-v4 is not a D4RL task, so it needs --dataset-path"):
         mopo.main(mopo.Args(env_id="InvertedPendulum-v4"))
+
+
+def test_track_starts_and_finishes_a_wandb_run(hopper_file, tmp_path, monkeypatch):
+    """--track: make_writer starts a wandb run synced from TensorBoard, and main finishes it (a stand-in module)."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs["name"])),
+                                 finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    flags = {k.lstrip("-").replace("-", "_"): int(v) for k, v in zip(TINY[::2], TINY[1::2])}
+    mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), track=True, device="cpu",
+                        **flags | {"epochs": 1}))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert calls == [("init", run_dir.name), ("finish",)]
