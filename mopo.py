@@ -723,9 +723,8 @@ def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer
     mse = select_elites(model, obs[hold], act[hold], target[hold])
     stats = {"epochs": state["epoch"], "holdout_mse": mse.mean().item(), "member_holdout_mse": mse.tolist(),
              "elite_holdout_mse": mse[model.elites].mean().item()}
-    if writer is not None:
-        writer.add_scalar("dynamics/epochs", state["epoch"], 0)
-        writer.add_scalar("dynamics/elite_holdout_mse", stats["elite_holdout_mse"], 0)
+    log_scalars(writer, {"dynamics/epochs": state["epoch"], "dynamics/elite_holdout_mse": stats["elite_holdout_mse"]},
+                0, None, where="the end of dynamics training, step")
     return stats
 
 
