@@ -753,7 +753,8 @@ def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination
     sample = mu + std * torch.randn(mu.shape, device=mu.device)
     rew, next_obs = sample[:, 0], obs + sample[:, 1:]
     done = termination_fn(obs, act, next_obs)  # [B] bool
-    assert rew.shape == u.shape == done.shape == (len(obs),)
+    if not rew.shape == u.shape == done.shape == (len(obs),):
+        raise ValueError(f"model step: reward {rew.shape}, penalty {u.shape}, done {done.shape}; expected ({len(obs)},)")
     return rew, u, next_obs, done
 
 
@@ -862,7 +863,9 @@ class TwinQ(nn.Module):
 
 def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
     """y = r + γ·(1 − done)·(min_j Q'_j(s', a') − α·log π(a'|s')), all [B]: a terminal transition has no future."""
-    assert rew.shape == done.shape == next_q.shape == next_log_prob.shape and rew.dim() == 1
+    if not (rew.shape == done.shape == next_q.shape == next_log_prob.shape and rew.dim() == 1):  # no silent [B, B]
+        raise ValueError(f"Bellman target: reward, done, Q', log π' must all be [B]; got {rew.shape}, {done.shape}, "
+                         f"{next_q.shape}, {next_log_prob.shape}")
     return rew + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
 
 

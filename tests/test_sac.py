@@ -2,6 +2,7 @@
 import math
 import types
 
+import pytest
 import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
@@ -17,11 +18,9 @@ def test_bellman_target_masks_terminals():
 
 
 def test_bellman_target_rejects_column_vectors():
-    try:
+    """A [B, 1] reward would broadcast against [B] into [B, B]; a ValueError (an assert would vanish under -O)."""
+    with pytest.raises(ValueError, match="reward, done"):
         mopo.soft_bellman_target(torch.zeros(4, 1), torch.zeros(4), torch.zeros(4), torch.zeros(4), 1.0, 0.99)
-    except AssertionError:
-        return
-    raise AssertionError("a [B, 1] reward would broadcast against [B] into [B, B]")
 
 
 def test_actor_log_prob_matches_torch_distributions():
@@ -64,15 +63,75 @@ def sac_setup(**overrides):
     opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
             torch.optim.Adam([log_alpha], 3e-4)]
     batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.zeros(32))
-    return args, actor, qf, qf_target, log_alpha, opts, batch
+    return [args, actor, qf, qf_target, log_alpha, opts, batch]
+
+
+def update(setup):
+    """One `sac_update` on the setup's batch; returns its info dict with floats."""
+    args, actor, qf, qf_target, log_alpha, opts, batch = setup
+    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
+    return {k: float(v) for k, v in info.items()}
+
+
+def constant_twins(qf, values):
+    """Make twin j output values[j] for every (s, a): last layer's weights 0, its bias the value."""
+    with torch.no_grad():
+        qf.net[-1].weight.zero_()
+        qf.net[-1].bias.copy_(torch.tensor(values).view(2, 1, 1))  # [E=2, 1, 1]
+
+
+def test_sac_update_steps_the_critics():
+    setup = sac_setup()
+    qf = setup[2]
+    before = [p.clone() for p in qf.parameters()]
+    update(setup)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(qf.parameters(), before))  # every critic tensor moved
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["min-is-twin-0", "min-is-twin-1"])
+def test_target_takes_the_min_of_the_target_twins_and_masks_terminals(flip):
+    """y = r + γ(1 − d)(min_j Q'_j(s', a') − α log π): with constant twins (targets −3 and 5, critics 2 and 1, in
+    either order) and α ≈ 0, q_loss = ½ Σ_j mean_B (Q_j − y)² has one value by hand. The max, the mean, one fixed
+    twin or an unmasked terminal each give another."""
+    setup = sac_setup(autotune=False, alpha=1e-9, gamma=0.9)
+    targets, critics = [-3.0, 5.0], [2.0, 1.0]
+    constant_twins(setup[3], targets[::-1] if flip else targets)
+    constant_twins(setup[2], critics[::-1] if flip else critics)
+    rew, done = setup[6][2], setup[6][4]
+    done[::2] = 1.0
+    y = rew + 0.9 * (1 - done) * -3.0
+    info = update(setup)
+    expected = 0.5 * ((2.0 - y).pow(2).mean() + (1.0 - y).pow(2).mean())
+    assert info["losses/q_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["min-is-twin-1", "min-is-twin-0"])
+def test_actor_loss_takes_the_min_of_the_twins(flip):
+    """actor loss = mean(α log π(ã|s) − min_j Q_j(s, ã)); with constant critics 2 and 1 (kept by lr 0) and α ≈ 0 it
+    is −1 (the other twin or the max: −2; the mean: −1.5)."""
+    setup = sac_setup(autotune=False, alpha=1e-9)
+    constant_twins(setup[2], [1.0, 2.0] if flip else [2.0, 1.0])
+    setup[5][0] = torch.optim.Adam(setup[2].parameters(), lr=0.0)
+    assert update(setup)["losses/actor_loss"] == pytest.approx(-1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("target_entropy", [50.0, -50.0])
+def test_alpha_rises_when_entropy_is_below_the_target_and_falls_above(target_entropy):
+    setup = sac_setup(target_entropy=target_entropy)
+    log_alpha = setup[4]
+    before = log_alpha.item()
+    info = update(setup)
+    assert (info["charts/entropy"] < target_entropy) == (log_alpha.item() > before) and log_alpha.item() != before
 
 
 def test_sac_update_moves_targets_by_tau_and_learns():
     args, actor, qf, qf_target, log_alpha, opts, batch = sac_setup(tau=0.25)
     target_before = [p.clone() for p in qf_target.parameters()]
     actor_before = [p.clone() for p in actor.parameters()]
+    critic_before = [p.clone() for p in qf.parameters()]
     info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
-    for t0, t1, p in zip(target_before, qf_target.parameters(), qf.parameters()):
+    for t0, t1, p, p0 in zip(target_before, qf_target.parameters(), qf.parameters(), critic_before):
+        assert not torch.equal(p, p0) and not torch.equal(t0, p0)  # critic stepped; targets started elsewhere
         torch.testing.assert_close(t1, t0 + 0.25 * (p - t0))  # θ' ← θ' + τ(θ − θ'), with θ already updated
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
     assert log_alpha.item() != 0.0 and all(p.requires_grad for p in qf.parameters())
