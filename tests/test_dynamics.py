@@ -148,3 +148,63 @@ def test_early_stopping_restores_best_snapshot():
     assert len(history) == stats["epochs"] < 300  # stopped by patience, not by the cap
     assert stats["holdout_mse"] < history[-1]  # the snapshots were restored
     assert stats["holdout_mse"] <= min(history) * 1.05
+
+
+def index_of_rows(obs):
+    return {tuple(row.tolist()): i for i, row in enumerate(obs)}
+
+
+def test_each_member_trains_on_its_own_bootstrap_of_the_training_split(monkeypatch):
+    """D5: in one epoch each member sees N rows drawn with replacement from the N non-holdout rows (about 63% of them
+    distinct), its own draw, and never a holdout row."""
+    torch.manual_seed(0)
+    obs, act, target = known_system(1200)  # 1000 to train on, 200 held out
+    seen, loss = [], mopo.dynamics_loss
+
+    def spy(model, obs_batch, act_batch, target_batch):
+        seen.append(obs_batch.detach().clone())  # [E, B, obs_dim]
+        return loss(model, obs_batch, act_batch, target_batch)
+    monkeypatch.setattr(mopo, "dynamics_loss", spy)
+    holdout = {}
+    select = mopo.select_elites
+    monkeypatch.setattr(mopo, "select_elites", lambda m, o, a, t: holdout.update(obs=o) or select(m, o, a, t))
+    model = mopo.EnsembleDynamics(3, 2, num_ensemble=4, num_elites=2, hidden_dim=8)
+    args = types.SimpleNamespace(num_ensemble=4, num_elites=2, holdout_size=200, dynamics_lr=1e-3,
+                                 dynamics_batch_size=64, dynamics_max_epochs=1)
+    mopo.train_dynamics(model, obs, act, target, args)
+    index = index_of_rows(obs)
+    held = {index[tuple(r.tolist())] for r in holdout["obs"]}
+    assert len(held) == 200
+    drawn = torch.cat(seen, 1)  # [E, 1000, 3]: the epoch
+    members = [[index[tuple(r.tolist())] for r in drawn[e]] for e in range(4)]
+    for rows in members:
+        assert len(rows) == 1000 and not held & set(rows)
+        assert 0.58 < len(set(rows)) / 1000 < 0.68  # with replacement: 1 − 1/e ≈ 0.632 distinct
+    assert len({tuple(sorted(rows)) for rows in members}) == 4  # four different draws
+
+
+def test_training_stops_by_the_patience_rule_and_keeps_each_members_best(monkeypatch):
+    """D5, replayed from the per-member holdout MSEs of every epoch: a member improves when its MSE beats its best by
+    > 1% (relative); training stops once no member improved for more than 5 epochs; each member ends with the weights
+    of its best epoch; the elites are the members with the lowest of those MSEs."""
+    torch.manual_seed(0)
+    obs, act, target = known_system(300, noise=0.3)
+    per_epoch, holdout_mse = [], mopo.holdout_mse
+    monkeypatch.setattr(mopo, "holdout_mse", lambda *a: per_epoch.append(holdout_mse(*a)) or per_epoch[-1])
+    model = mopo.EnsembleDynamics(3, 2, num_ensemble=3, num_elites=2, hidden_dim=64)
+    args = types.SimpleNamespace(num_ensemble=3, num_elites=2, holdout_size=1000, dynamics_lr=3e-3,
+                                 dynamics_batch_size=32, dynamics_max_epochs=300)
+    stats = mopo.train_dynamics(model, obs, act, target, args)
+    history, final = per_epoch[:-1], per_epoch[-1]  # the last call: select_elites on the restored weights
+    best, since, stop = torch.full((3,), 1e10), 0, None
+    for epoch, mse in enumerate(history, 1):
+        improved = (best - mse) / best > 0.01
+        best = torch.where(improved, mse, best)
+        since = 0 if improved.any() else since + 1
+        if since > 5:
+            stop = epoch
+            break
+    assert stop is not None and stats["epochs"] == stop == len(history) < 300
+    torch.testing.assert_close(final, best, rtol=1e-6, atol=0)  # every member's best snapshot restored
+    assert stats["member_holdout_mse"] == final.tolist()
+    assert sorted(model.elites.tolist()) == sorted(final.argsort()[:2].tolist())

@@ -60,3 +60,35 @@ def test_nan_states_terminate():
     for family, dim in [("hopper", 11), ("ant", 111)]:
         next_obs = torch.full((1, dim), float("nan"))
         assert mopo.TERMINATION_FNS[family](None, None, next_obs).item()
+
+
+EPS = 1e-3
+HEALTHY = {"hopper": (11, {0: 1.25}), "walker2d": (17, {0: 1.25}), "halfcheetah": (17, {}), "ant": (111, {0: 0.55}),
+           "invertedpendulum": (4, {})}
+# family: [(dimension, value, done?)], each threshold from both sides (D11; MBPO/MOPO's static termination functions)
+BOUNDARIES = {
+    "hopper": [(0, 0.7 + EPS, False), (0, 0.7, True), (0, 0.7 - EPS, True),  # height > 0.7
+               (1, 0.2 - EPS, False), (1, 0.2 + EPS, True), (1, -0.2 + EPS, False), (1, -0.2 - EPS, True),  # |angle|
+               (5, 100 - EPS, False), (5, 100 + EPS, True), (10, -100 + EPS, False), (10, -100 - EPS, True),
+               (3, float("nan"), True), (4, float("inf"), True)],
+    "walker2d": [(0, 0.8 + EPS, False), (0, 0.8 - EPS, True), (0, 2.0 - EPS, False), (0, 2.0 + EPS, True),
+                 (1, 1.0 - EPS, False), (1, 1.0 + EPS, True), (1, -1.0 + EPS, False), (1, -1.0 - EPS, True)],
+    "halfcheetah": [(0, -1e3, False), (1, 1e3, False), (8, -1e3, False)],  # never terminates
+    "ant": [(0, 0.2, False), (0, 0.2 - EPS, True), (0, 1.0, False), (0, 1.0 + EPS, True),
+            (5, float("nan"), True)],
+    "invertedpendulum": [(1, 0.2, False), (1, 0.2 + EPS, True), (1, -0.2, False), (1, -0.2 - EPS, True),
+                         (2, float("nan"), True)],
+}
+
+
+@pytest.mark.parametrize("family", list(BOUNDARIES))
+def test_each_threshold_from_both_sides(family):
+    dim, base = HEALTHY[family]
+    cases = BOUNDARIES[family]
+    next_obs = torch.zeros(len(cases) + 1, dim)  # the last row: the healthy state itself
+    for d, value in base.items():
+        next_obs[:, d] = value
+    for i, (d, value, _) in enumerate(cases):
+        next_obs[i, d] = value
+    done = mopo.TERMINATION_FNS[family](None, None, next_obs)
+    assert done.tolist() == [c[2] for c in cases] + [False], [(c, bool(x)) for c, x in zip(cases, done)]

@@ -1,0 +1,53 @@
+"""Evaluation (D14): deterministic actions, and D4RL's normalized score per episode, then mean and std."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import mopo
+
+# D4RL's reference returns (d4rl/infos.py), written out here so that a changed constant fails
+REFERENCE = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3),
+             "ant": (-325.6, 3879.7)}
+
+
+@pytest.mark.parametrize("family", list(REFERENCE))
+def test_normalized_score_is_d4rls_formula_per_episode(family):
+    low, high = REFERENCE[family]
+    returns = np.array([low, high, 0.5 * (low + high), 1234.5])
+    summary = mopo.summarize(mopo.make_task(f"{family}-medium-v2"), {"return": returns.copy()})
+    scores = 100 * (returns - low) / (high - low)  # 0, 100, 50, ...
+    assert summary["normalized_score"] == pytest.approx(scores.mean(), rel=1e-9)
+    assert summary["normalized_score_std"] == pytest.approx(scores.std(), rel=1e-9)  # not the std normalized
+    assert summary["return"] == pytest.approx(returns.mean()) and summary["return_std"] == pytest.approx(returns.std())
+
+
+def test_tasks_without_reference_scores_report_returns_only():
+    summary = mopo.summarize(mopo.make_task("Hopper-v4"), {"return": np.array([1.0, 3.0])})
+    assert summary == {"return": 2.0, "return_std": 1.0}
+
+
+def test_evaluation_takes_the_deterministic_action():
+    """A wide policy (σ ≈ e²): `evaluate` gives the same episodes whatever the random state, and they are the
+    episodes of tanh(mean) stepped by hand."""
+    torch.manual_seed(0)
+    task = mopo.make_task("hopper-medium-v2")
+    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * 2)
+    actor = mopo.Actor(11, 3, envs.single_action_space.low, envs.single_action_space.high)
+    with torch.no_grad():
+        actor.log_std.bias.fill_(2.0)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(mopo.evaluate(actor, envs, envs.reset(seed=7)[0]))
+    np.testing.assert_array_equal(runs[0]["return"], runs[1]["return"])
+    env = mopo.make_env(task)
+    for i, (ret, length) in enumerate(zip(runs[0]["return"], runs[0]["length"])):
+        obs, total, steps, over = env.reset(seed=7 + i)[0], 0.0, 0, False
+        while not over:
+            with torch.no_grad():
+                mean = actor(torch.as_tensor(obs, dtype=torch.float32)[None])[0]
+            action = (torch.tanh(mean) * actor.action_scale + actor.action_bias)[0].numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, steps, over = total + reward, steps + 1, terminated or truncated
+        assert (ret, length) == (pytest.approx(total, rel=1e-6), steps)
