@@ -30,41 +30,51 @@ def one_row(seed):
 
 
 # --- a. the SAC update: graph replay = eager ---
-def test_sac_update_replayed_as_a_graph_equals_eager_updates(monkeypatch):
-    """Sampling made deterministic: each buffer holds one row (indices are `% count`, count 1) and the actor's noise
-    is zero; then 10 updates through `cuda_graph` (3 eager warm-ups on a side stream, a capture, replays) with
-    capturable Adams equal 10 eager updates, step by step."""
-    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # active during the capture (the 4th call) too
+def random_rows(n, generator):
+    obs, next_obs = torch.randn(n, OBS, generator=generator), torch.randn(n, OBS, generator=generator)
+    act, rew = torch.rand(n, ACT, generator=generator) * 2 - 1, torch.randn(n, generator=generator)
+    return mopo.to_rows(obs, act, rew, next_obs, torch.rand(n, generator=generator) < 0.2).to(CUDA)
+
+
+def sac_updates(sac, real, model, args, graph, n=10):
+    """n SAC updates as main runs them, from seed 1: batch indices and actor noise drawn from the global generator."""
+    def update():
+        return mopo.sac_update(real.split(mopo.sample_mixed(real, model, args.batch_size, args.real_ratio)), *sac,
+                               args)
+    step = mopo.cuda_graph(update) if graph else update
+    torch.manual_seed(1)
+    return [{k: float(v) for k, v in step().items()} for _ in range(n)]  # read before the next replay
+
+
+def test_sac_update_replayed_as_a_graph_equals_eager_updates():
+    """Seeded alike, 10 updates through `cuda_graph` (3 eager warm-ups on a side stream, a capture, replays) with
+    capturable Adams draw the batch indices and the actor's noise that 10 eager updates draw (a replay advances the
+    generator's offset as the eager kernels did): the same losses step by step, and the same weights after."""
     args = mopo.Args(batch_size=256, real_ratio=0.05)  # 12 real rows and 244 model rows per batch
-    real = mopo.ReplayBuffer(1, OBS, ACT, CUDA)
-    real.add(one_row(0))
-    model = mopo.ReplayBuffer(50, OBS, ACT, CUDA)  # capacity 50, one row: sampling must use the fill level
-    model.add(one_row(1))
+    g = torch.Generator().manual_seed(0)
+    real, model = mopo.ReplayBuffer(500, OBS, ACT, CUDA), mopo.ReplayBuffer(2000, OBS, ACT, CUDA)
+    real.add(random_rows(500, g))
+    model.add(random_rows(1500, g))  # not full: the sampler must read the fill level
     setups = []
     for capturable in (False, True):
         torch.manual_seed(0)
         setups.append(mopo.make_sac(SPACES, args, CUDA, capturable))
     eager, graphed = setups
-    for a, b in zip(eager[:3], graphed[:3]):  # actor, critics, target critics: the same start
-        b.load_state_dict(a.state_dict())
     assert all(g["capturable"] for opt in graphed[4:] for g in opt.param_groups)
     start = [p.detach().clone() for p in graphed[0].parameters()]
-
-    def update(sac):
-        return mopo.sac_update(real.split(mopo.sample_mixed(real, model, args.batch_size, args.real_ratio)), *sac,
-                               args)
-    replay = mopo.cuda_graph(lambda: update(graphed))
-    for step in range(10):
-        want = {k: float(v) for k, v in update(eager).items()}
-        got = {k: float(v) for k, v in replay().items()}  # read before the next replay overwrites them
-        assert got.keys() == want.keys()
-        for k in want:
-            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), (step, k, got[k], want[k])
+    want, got = sac_updates(eager, real, model, args, graph=False), sac_updates(graphed, real, model, args, graph=True)
+    for step, (w, o) in enumerate(zip(want, got)):
+        assert o.keys() == w.keys()
+        for k in w:
+            assert o[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (step, k, o[k], w[k])
     for a, b, name in zip(eager[:3], graphed[:3], ("actor", "qf", "qf_target")):
         for (pname, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=f"{name}.{pname}")
     torch.testing.assert_close(graphed[3], eager[3], atol=1e-6, rtol=1e-5)  # log α
     assert any(not torch.equal(p, p0) for p, p0 in zip(graphed[0].parameters(), start))  # it trained
+    torch.manual_seed(2)
+    other = sac_updates(setups[0], real, model, args, graph=False, n=1)[0]
+    assert other["losses/q_loss"] != want[0]["losses/q_loss"]  # the draws matter: equal losses were no accident
 
 
 # --- b. a captured sampler and a growing buffer ---

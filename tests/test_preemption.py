@@ -4,8 +4,6 @@ import copy
 import json
 import os
 import signal
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -13,9 +11,9 @@ import pytest
 import torch
 
 import mopo
+from conftest import run_signalled_at
 from test_dynamics import known_system
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- train_dynamics alone ---
@@ -194,30 +192,11 @@ def test_sigterm_during_model_training_checkpoints_at_the_minibatch_then_resume_
     assert (ckpt["training"]["epoch"], ckpt["training"]["batch"]) == (1, 3 * 256)
 
 
-# mopo.py's command line, with a counter on the dynamics minibatches that SIGKILLs its own process at one of them
-SIGKILL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import mopo, tyro
-loss, calls = mopo.dynamics_loss, []
-
-def counted(*args):
-    calls.append(1)
-    if len(calls) == {at}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return loss(*args)
-
-mopo.dynamics_loss = counted
-mopo.main(tyro.cli(mopo.Args))
-"""
-
-
 def test_sigkill_during_model_training_loses_at_most_one_epoch_then_resume_matches(reference, hopper_file, tmp_path,
                                                                                    monkeypatch):
     """SIGKILL as minibatch 17 (epoch 3's 3rd) starts: the checkpoint written after epoch 2 is all there is."""
     flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
-    proc = subprocess.run([sys.executable, "-c", SIGKILL_AT.format(root=str(ROOT), at=17), *flags,
-                           f"--dataset-path={hopper_file}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_signalled_at(tmp_path, "dynamics_loss", 17, signal.SIGKILL, [*flags, f"--dataset-path={hopper_file}"])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
     ckpt = resume_and_compare(run_dir_of(tmp_path), reference, monkeypatch)
     assert (ckpt["training"]["epoch"], ckpt["training"]["batch"]) == (2, 0)

@@ -3,9 +3,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,17 +10,12 @@ import torch
 import tyro
 
 import mopo
+from conftest import run_signalled_at
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--env-id", "hopper-medium-v2", "--lam", "1.0", "--seed", "7", "--epochs", "4", "--steps-per-epoch", "150",
        "--rollout-freq", "50", "--rollout-batch-size", "200", "--eval-episodes", "2", "--dynamics-max-epochs", "3",
        "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--device", "cpu", "--torch-deterministic"]
 # --device cpu: bit-for-bit resume is a CPU promise (main would pick CUDA where it is visible, with CUDA graphs)
-
-
-def start(cwd, dataset, *extra):
-    cmd = [sys.executable, str(ROOT / "mopo.py"), "--dataset-path", str(dataset), *RUN, *extra]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def run_dir_of(cwd):
@@ -49,27 +41,13 @@ def reference(hopper_file, tmp_path_factory):
     return json.loads((run_dir_of(cwd) / "results.json").read_text()), run_dir_of(cwd)
 
 
-def interrupt_after_first_evaluation(proc, cwd, sig):
-    """Wait for the epoch-1 evaluation (and its checkpoint), then signal the run while it trains epoch 2."""
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        results = list(Path(cwd).glob("runs/*/results.json"))
-        if results and json.loads(results[0].read_text())["evaluations"]:
-            break
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
-    time.sleep(0.3)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    proc.send_signal(sig)
-    return proc.communicate(timeout=120)[0]
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run(reference, hopper_file, tmp_path, capsys):
-    proc = start(tmp_path, hopper_file)  # a real process, killed for real
-    interrupt_after_first_evaluation(proc, tmp_path, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    """A real process killed for real as its 5th rollout round starts (update 201, mid-epoch 2): the checkpoint of
+    update 150 and its evaluation are all there is."""
+    proc = run_signalled_at(tmp_path, "rollout", 5, signal.SIGKILL, ["--dataset-path", hopper_file, *RUN])
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
     partial = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
-    assert 1 <= len(partial["evaluations"]) < 4  # killed mid-run
+    assert [e["step"] for e in partial["evaluations"]] == [150]
     main_in(tmp_path, "--resume", str(run_dir_of(tmp_path)), "--epochs", "99")
     out = capsys.readouterr().out
     assert "resumed" in out and "ignoring ['epochs']" in out

@@ -1,5 +1,4 @@
 """SAC pieces (D13): Bellman target masking, tanh-Gaussian log-probability, batched critics, target update."""
-import math
 import types
 
 import pytest
