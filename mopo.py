@@ -1,63 +1,36 @@
 """MOPO: Model-based Offline Policy Optimization, in one file.
 
-Yu, Thomas, Yu, Ermon, Zou, Levine, Finn, Ma. NeurIPS 2020. arXiv:2005.13239 (v2). Equation and algorithm numbers
-below refer to that version; "authors' code" is github.com/tianheyu927/mopo (TF1, built on MBPO/softlearning).
+Yu, Thomas, Yu, Ermon, Zou, Levine, Finn, Ma. NeurIPS 2020. arXiv:2005.13239 (v2), whose numbering is cited below;
+"authors' code" is github.com/tianheyu927/mopo.
 
-    python mopo.py --env-id hopper-medium-v2                       # the published (h, λ) for the task
+    python mopo.py --env-id hopper-medium-v2                       # the task's published (h, λ)
     python mopo.py --env-id hopper-medium-v2 --lam 1.0 --rollout-length 5
     python mopo.py --env-id walker2d-medium-v2 --dataset-path my_walker.hdf5   # a local file in D4RL layout
 
-Sections: 1 Args · 2 Data · 3 Termination functions · 4 Ensemble dynamics · 5 MOPO: penalty and rollouts ·
-6 SAC · 7 Evaluation · 8 main.
-
-Implementation details (every choice the paper leaves open; its source; where we depart from the authors, why):
-D1  Model targets [reward, Δs = s' − s], reward first (authors' code; OfflineRL-Kit puts it last). Inputs [s, a]
-    z-scored with the training split's mean/std (std < 1e-12 → 1), stored inside the model.
-D2  Dynamics: 7 members, 4 hidden layers × 200 swish, a mean head and a separate log-variance head on the last
-    hidden layer (authors' D4RL configs); weights truncated-normal with std 1/(2√fan_in), biases zero.
-D3  Log-variance soft bounds: learnable max (init 0.5) and min (init −10) shared by the members,
-    lv = max − softplus(max − lv), lv = min + softplus(lv − min), loss += 0.01·Σmax − 0.01·Σmin (authors').
-D4  Model loss: per member, mean over batch and dims of (μ − y)²·e^{−lv} + lv, summed over members; L2 0.5·wd·Σw²
-    with wd 2.5e-5, 5e-5, 7.5e-5, 7.5e-5 (hidden) and 1e-4 (heads), as Adam's coupled weight decay (same gradient).
-D5  Model training: holdout min(20%, 1000) transitions; each member its own bootstrap of the rest; Adam 1e-3, batch
-    256. A member is snapshotted when its holdout MSE improves by > 1%; stop once none improved for more than 5
-    epochs, restore the snapshots (log-var bounds keep their last values, as the authors'). Elites: 5 lowest MSEs.
-D6  Penalty (Alg. 2): u(s,a) = max over ALL members of ‖σ_i(s,a)‖₂, reward dim included (the paper writes ‖Σ_i‖_F;
-    the authors' code uses the std). `--penalty ensemble-std`: max_i ‖μ_i − mean_j μ_j‖ over the Δs dims, the
-    authors' disagreement alternative (OfflineRL-Kit's `pairwise-diff`, not its `ensemble_std`).
-D7  Model step: per transition one random elite, (r, Δs) = μ + σ·ε; SAC sees the sampled r − λ·u (authors' code; the
-    paper writes the mean r̂). Noise is drawn only for the chosen member.
-D8  Rollouts: `rollout_batch_size` dataset states, the current stochastic policy, h steps, every `rollout_freq`
-    updates (the first before the first update); a branch stops when the termination function fires (done = 1).
-D9  Model buffer: FIFO of model_retain_epochs × rollout_batch_size × h rows; the authors size it per epoch, the same
-    with the default schedule.
-D10 Batch mixing: int(real_ratio·batch_size) real rows + model rows, one batch. real_ratio 0: model rows only (real
-    data only seeds rollouts); 1: plain SAC on the dataset, no rollouts (the model is still trained and saved).
-D11 Termination functions from MBPO/MOPO, tested against gymnasium's `terminated`; hopper's `abs()` bug (wrapping
-    the whole `< 100` test) fixed. Hopper's env also ends on |qvel| > 100, which its clipped observation cannot show.
-D12 Real data: `next_observations` from the file (d4rl's `qlearning_dataset` is wrong at episode ends); timeouts are
-    not terminals; the whole dataset is kept (the authors' 1M-row pool drops half of medium-expert).
-D13 SAC as softlearning: 2×256 ReLU actor and critics, tanh-Gaussian with log-std in (−20, 2), lr 3e-4, γ 0.99,
-    τ 0.005, α from 1.0 tuned to target entropy −3 (authors', every task), min of twin critics in target and actor
-    loss. Departures: critic, actor, α stepped in turn on one batch (CleanRL; the TF graph used pre-update values);
-    PyTorch's default init (Keras: Glorot).
-D14 Evaluation in gymnasium `-v4` MuJoCo envs (gym `-v2` on mujoco-py before): same models and observations; Ant with
-    contact forces for D4RL's 111 dims, zeroed and left out of the reward as in D4RL's MuJoCo-2.0 data (D4RL #143).
-    Deterministic actions; the normalized score per episode, then mean and std.
-D15 Per-task (h, λ): OfflineRL-Kit's published -v2 settings; random from the authors' -v0 configs; the rest ours
-    (TASK_DEFAULTS).
-D16 `--spectral-norm` (off): the paper's appendix normalizes every model layer but the variance head; the authors'
-    code never did (tianheyu927/mopo #3), nor the published numbers. Power iteration batched over members, one step
-    per training forward; the final σ from an exact SVD, fixed from then on (rollouts and the gauge in eval mode).
-D17 The gauge (Theorem 4.4, ours): each evaluation also runs the deterministic policy in the learned model from the
-    evaluation's start states (D7's sampling, to termination or the env's horizon), logging Σr and Σ(r − λ·u).
-D18 On CUDA, evaluation (ours) runs beside training: the episodes in a thread with a CPU copy of the actor taken at
-    its update (Python's switch interval 0.1 ms meanwhile), the gauge on the GPU, a CUDA graph the GPU runs between
-    updates; both are logged at the next evaluation or checkpoint. On the CPU all runs in turn.
+Sections: 1 Args · 2 Data · 3 Termination functions · 4 Ensemble dynamics · 5 MOPO: penalty and rollouts · 6 SAC ·
+7 Evaluation · 8 main. Implementation details, the choices the paper leaves open (README: sources, reasons):
+D1  Model targets [r, Δs = s' − s], reward first (authors'); inputs [s, a] z-scored on the training split.
+D2  7 members, 4 hidden layers of 200 swish, mean and log-variance heads (authors' D4RL configs).
+D3  Learnable log-variance bounds (0.5, −10), soft-clamped; loss + 0.01·(Σmax − Σmin) (authors').
+D4  Each member's Gaussian NLL, summed; the authors' per-layer L2 as Adam's weight decay (same gradient).
+D5  Holdout min(20%, 1000); a bootstrap per member; snapshots on > 1% gains; 5 stale epochs stop; 5 elites.
+D6  Penalty u(s, a) = max over ALL members of ‖σ_i(s, a)‖₂, reward dim included; `ensemble-std`: disagreement.
+D7  Each transition from a random elite, (r, Δs) = μ + σ·ε; SAC gets the sampled r − λ·u (authors'; paper: mean).
+D8  Every rollout_freq updates: rollout_batch_size dataset states, the current policy, h steps, stop at done.
+D9  Model buffer: a FIFO of model_retain_epochs × rollout_batch_size × h rows.
+D10 SAC batches: int(real_ratio·B) real rows, then model rows; real_ratio 1: SAC on the data, no rollouts.
+D11 MBPO/MOPO's termination functions, tested against gymnasium; hopper's abs() bug fixed.
+D12 next_observations from the file; timeouts are not terminals; the whole dataset is kept.
+D13 SAC as softlearning (2×256, lr 3e-4, α tuned to entropy −3); critic, actor, α stepped in turn.
+D14 Deterministic episodes in gymnasium -v4 (ant: contact forces zeroed, as in D4RL's data); score each.
+D15 Per-task (h, λ): OfflineRL-Kit's -v2 settings, the authors' -v0 ones for random data, ours elsewhere.
+D16 --spectral-norm (off): the paper's Lipschitz-regularized model, never in the authors' code.
+D17 The gauge (Thm. 4.4, ours): each evaluation's policy also runs in the model: raw and penalized returns.
 """
 
 import copy
 import http.client
+import importlib
 import json
 import math
 import os
@@ -65,10 +38,8 @@ import random
 import signal
 import sys
 import time
-import urllib.error
 import urllib.request
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -76,6 +47,7 @@ from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import h5py
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -90,17 +62,15 @@ from tqdm import tqdm
 class Args:
     # experiment
     exp_name: str = "mopo"
-    """the name of this experiment (part of the run folder name)"""
+    """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, CUDA is used when available"""
-    device: Optional[str] = None
-    """a torch device to require, e.g. `cuda`, `cuda:1`, `cpu` (overrides --cuda; an error if unavailable)"""
+    device: str = "auto"
+    """a torch device (cpu, cuda, cuda:1); auto: CUDA if torch sees it"""
     cuda_graph: bool = True
-    """on CUDA, replay the SAC update and the dynamics step as recorded CUDA graphs (same math; H200: 12× faster)"""
+    """on CUDA, replay the SAC update, model training step and gauge as CUDA graphs"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases"""
     wandb_project_name: str = "mopo"
@@ -108,45 +78,44 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of the wandb project"""
     save_model: bool = False
-    """if toggled, save actor and critics to `runs/{run_name}/model.pt` (the dynamics are always saved)"""
+    """if toggled, save SAC's networks and α to `runs/{run_name}/model.pt`"""
     checkpoint_freq: int = 10
-    """write `runs/{run_name}/checkpoint.pt` every this many epochs (and on SIGTERM)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many epochs (and on SIGTERM, Ctrl-C)"""
     resume: Optional[str] = None
-    """continue a run from its folder or checkpoint file; all other settings come from the checkpoint"""
+    """continue a run (its folder or checkpoint.pt) with its own settings"""
 
     # data
     env_id: str = "hopper-medium-v2"
-    """D4RL task, {halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2;
-    the paper's halfcheetah-jump or ant-angle; a Minari id (mujoco/hopper/medium-v0); or, with --dataset-path, a
-    gymnasium MuJoCo id such as InvertedPendulum-v4 (raw returns: no reference scores)"""
+    """a D4RL task ({halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2),
+    a Minari id (mujoco/hopper/medium-v0), or with --dataset-path a gymnasium MuJoCo id (raw returns)"""
     dataset_path: Optional[str] = None
-    """a local hdf5 in D4RL layout used instead of the D4RL download; `--env-id` still names the task"""
+    """a local hdf5 in D4RL layout; `--env-id` still names the task"""
 
     # dynamics ensemble (D2-D5)
     num_ensemble: int = 7
     """number of ensemble members"""
     num_elites: int = 5
-    """number of elite members used to sample model transitions"""
+    """number of elites, which sample model transitions"""
     dynamics_hidden_dim: int = 200
     """width of the 4 hidden layers of each member"""
     dynamics_lr: float = 1e-3
     """Adam learning rate of the dynamics ensemble"""
     dynamics_batch_size: int = 256
-    """minibatch size per member for dynamics training"""
+    """dynamics minibatch size per member"""
     holdout_size: int = 1000
-    """held-out transitions for early stopping (at most 20% of the data)"""
+    """transitions held out for early stopping (at most 20%)"""
     dynamics_max_epochs: Optional[int] = None
     """cap on dynamics training epochs (default: until early stopping)"""
     dynamics_path: Optional[str] = None
-    """reuse a trained ensemble (a run folder or its dynamics.pt) instead of training one"""
+    """reuse a trained ensemble (a run folder or its dynamics.pt)"""
     spectral_norm: bool = False
-    """the paper's Lipschitz-regularized model: spectral norm on all dynamics layers but the variance head (D16)"""
+    """the paper's Lipschitz-regularized model (D16)"""
 
     # MOPO (Alg. 2)
     lam: Optional[float] = None
-    """λ, the penalty coefficient (default: the published value for the task, see README)"""
+    """λ, the penalty coefficient (default: the task's published value)"""
     rollout_length: Optional[int] = None
-    """h, the model rollout horizon (default: the published value for the task)"""
+    """h, the model rollout horizon (default: the task's published value)"""
     rollout_batch_size: int = 50_000
     """start states per rollout round"""
     rollout_freq: int = 1000
@@ -156,7 +125,7 @@ class Args:
     real_ratio: float = 0.05
     """share of real transitions in each SAC batch"""
     penalty: Literal["aleatoric", "ensemble-std"] = "aleatoric"
-    """u(s,a): `aleatoric` = max_i ‖σ_i‖ (paper), `ensemble-std` = max_i ‖μ_i − mean μ‖ (disagreement)"""
+    """u(s,a): `aleatoric` = max_i ‖σ_i‖ (paper); `ensemble-std` = max_i ‖μ_i − mean μ‖"""
 
     # SAC
     batch_size: int = 256
@@ -174,62 +143,27 @@ class Args:
     autotune: bool = True
     """automatic tuning of the entropy temperature α"""
     alpha: float = 1.0
-    """α when `--no-autotune`, else its initial value (authors: 1.0)"""
+    """α when `--no-autotune`, else its initial value"""
     target_entropy: float = -3.0
-    """target entropy H̄ for autotuning (authors' code: −3 for every task)"""
+    """target entropy H̄ for autotuning (authors': −3 for every task)"""
 
     # schedule and evaluation
     epochs: int = 1000
-    """training epochs (0: only train and save the dynamics ensemble)"""
+    """training epochs (0: only train and save the dynamics)"""
     steps_per_epoch: int = 1000
     """gradient updates per epoch"""
-    eval_freq: int = 1
-    """evaluate every this many epochs (and always after the last)"""
+    eval_freq: int = 5
+    """evaluate every this many epochs and after the last"""
     eval_episodes: int = 10
     """deterministic evaluation episodes per evaluation"""
     gauge: bool = True
-    """also run each evaluation's policy in the learned model (Theorem 4.4's gauge, D17; on CUDA a recorded graph)"""
+    """also run each evaluation's policy in the learned model (D17)"""
     log_freq: int = 1000
     """log losses every this many gradient updates"""
 
 
-def check_args(args: Args) -> None:
-    """One clear line per bad flag, before anything is loaded or trained."""
-    rules = [
-        (args.lam is None or args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
-        (args.rollout_length is None or args.rollout_length >= 1,
-         f"--rollout-length must be >= 1, got {args.rollout_length}"),
-        (0.0 <= args.real_ratio <= 1.0, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
-        (args.num_ensemble >= 1, f"--num-ensemble must be >= 1, got {args.num_ensemble}"),
-        (1 <= args.num_elites <= args.num_ensemble,
-         f"--num-elites must be in [1, --num-ensemble={args.num_ensemble}], got {args.num_elites}"),
-        (args.dynamics_max_epochs is None or args.dynamics_max_epochs >= 1, "--dynamics-max-epochs must be >= 1"),
-        (0.0 <= args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma must be in [0, 1] and --tau in (0, 1]"),
-        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
-        (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
-    ]
-    for name in ("batch_size", "dynamics_batch_size", "rollout_batch_size", "rollout_freq", "model_retain_epochs",
-                 "steps_per_epoch", "eval_freq", "eval_episodes", "log_freq", "holdout_size", "dynamics_hidden_dim",
-                 "checkpoint_freq"):
-        rules.append((getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"))
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
-
-
-def pick_device(args: Args) -> torch.device:
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device; run with --device cpu "
-                         f"or install a CUDA build of torch")
-    return device
-
-
 # === 2. Data: D4RL tasks, download and cache, replay buffers ===
-# family: (gymnasium env id, gym.make kwargs, D4RL reference min and max return for the normalized score)
+# family: (evaluation env, its kwargs, D4RL's reference min and max returns)
 D4RL_FAMILIES = {
     "hopper": ("Hopper-v4", {}, -20.272305, 3234.3),
     "halfcheetah": ("HalfCheetah-v4", {}, -280.178953, 12135.0),
@@ -245,227 +179,167 @@ TASK_DEFAULTS = {
     "medium-expert": {"halfcheetah": (5, 2.5), "hopper": (5, 5.0), "walker2d": (1, 2.5)},
     "random": {"halfcheetah": (5, 0.5), "hopper": (5, 1.0), "walker2d": (1, 1.0)},
 }
-# Ours, with no published value: expert data is as narrow as medium-expert's and full-replay as broad as
-# medium-replay's, so they take those settings; ant and gymnasium/Minari tasks without a match: h 5, λ 1.0, the middle
-# of the published λ range.
+# Ours: expert as medium-expert, full-replay as medium-replay; other tasks h 5 and a middle λ.
 TASK_DEFAULTS |= {"expert": TASK_DEFAULTS["medium-expert"], "full-replay": TASK_DEFAULTS["medium-replay"]}
 OTHER_TASK_DEFAULT = (5, 1.0)
-REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "next_observations")
+DATA_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")  # a row: [s, a, r, s', done]
 
 
 @dataclass
 class Task:
-    env_id: str  # as the user typed it
+    env_id: str
     family: str  # picks the termination function
-    dataset: Optional[str]  # D4RL dataset type (random, medium, ...); None for a gymnasium task
-    gym_id: str  # the gymnasium env used for evaluation
+    dataset: Optional[str]  # picks (h, λ)
+    gym_id: str  # the evaluation env
     gym_kwargs: dict
-    ref_min: Optional[float]  # D4RL reference returns; None where none exist
-    ref_max: Optional[float]
-    file_name: Optional[str]  # D4RL's file name (None for a gymnasium task, which needs --dataset-path)
-    reward_fn: Optional[Callable] = None  # relabels every reward (the paper's out-of-distribution tasks)
-    zero_contact: bool = False  # D4RL ant: contact forces were all zero in the data (D14)
+    ref_min: Optional[float] = None  # reference returns, where they exist
+    ref_max: Optional[float] = None
+    file_name: Optional[str] = None  # D4RL's
     minari_id: Optional[str] = None
-
-
-def halfcheetah_jump_reward(obs, act, next_obs):
-    """Sec. 5.2: r = min(v_x, 3) − 0.1‖a‖² + 15·(z − z_init). HalfCheetah observes [qpos[1:] (8), qvel (9)]:
-    z = qpos[1] = next_obs[0], whose initial value init_qpos[1] is 0, and v_x = qvel[0] = next_obs[8] after the step
-    (the env's own Δx/dt needs x, which the observation lacks)."""
-    return np.minimum(next_obs[:, 8], 3.0) - 0.1 * np.square(act).sum(1) + 15.0 * next_obs[:, 0]
-
-
-def ant_angle_reward(obs, act, next_obs):
-    """Sec. 5.2: r = v_xy·(cos 30°, sin 30°) − 0.5‖a‖² − 5e-4‖clip(contact forces)‖² + 1. Ant observes [qpos[2:] (13),
-    qvel (14), contact forces clipped to ±1 (84)]: v_xy = qvel[:2] = next_obs[13:15] after the step."""
-    direction = np.array([math.cos(math.pi / 6), math.sin(math.pi / 6)])
-    return (next_obs[:, 13:15] @ direction - 0.5 * np.square(act).sum(1) - 5e-4 * np.square(next_obs[:, 27:]).sum(1)
-            + 1.0)
-
-
-OOD_TASKS = {"halfcheetah-jump": ("halfcheetah", halfcheetah_jump_reward), "ant-angle": ("ant", ant_angle_reward)}
 
 
 def make_task(env_id: str) -> Task:
     if "/" in env_id:
         return minari_task(env_id)
-    if env_id in OOD_TASKS:  # Sec. 5.2: SAC replay data of the ordinary task (D4RL full-replay), rewards relabelled
-        family, reward_fn = OOD_TASKS[env_id]
-        task = make_task(f"{family}-full-replay-v2")
-        return replace(task, env_id=env_id, ref_min=None, ref_max=None, reward_fn=reward_fn)
+    module, _, name = env_id.rpartition(":")
+    if module:  # gymnasium's `module:EnvId`: the module registers the env (benchmarks/ood_tasks.py)
+        importlib.import_module(module)
+    if name in gym.registry and name.split("-")[0].lower() in TERMINATION_FNS:  # no reference scores
+        return Task(env_id, name.split("-")[0].lower(), None, env_id, {})
     family, _, rest = env_id.partition("-")
-    dataset = rest[: -len("-v2")] if rest.endswith("-v2") else None
-    if env_id in gym.registry and family.lower() in TERMINATION_FNS:  # a task D4RL lacks: no reference scores
-        return Task(env_id, family.lower(), None, env_id, {}, None, None, None)
+    dataset = rest.removesuffix("-v2") if rest.endswith("-v2") else None
     if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
-        valid = f"{{{','.join(D4RL_FAMILIES)}}}-{{{','.join(D4RL_DATASETS)}}}-v2"
-        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {valid}; {', '.join(OOD_TASKS)}; a Minari "
-                         f"id (e.g. mujoco/hopper/medium-v0); or, with --dataset-path, a gymnasium id of "
-                         f"{sorted(TERMINATION_FNS)}, e.g. Hopper-v4, InvertedPendulum-v4")
+        raise ValueError(f"unknown --env-id {env_id!r}; valid D4RL ids: {{{','.join(D4RL_FAMILIES)}}}-"
+                         f"{{{','.join(D4RL_DATASETS)}}}-v2, Minari ids, or with --dataset-path e.g. Hopper-v4")
     gym_id, gym_kwargs, ref_min, ref_max = D4RL_FAMILIES[family]
-    file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's own name, so its cache is reused
-    return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name, zero_contact=family == "ant")
+    file_name = f"{family}_{dataset.replace('-', '_')}-v2.hdf5"  # d4rl's name: its cache is reused
+    return Task(env_id, family, dataset, gym_id, gym_kwargs, ref_min, ref_max, file_name)
 
 
 def minari_task(env_id: str) -> Task:
-    """A Minari dataset (e.g. mujoco/hopper/medium-v0): its own eval env and reference scores."""
     try:
         import minari
+
+        dataset = minari.load_dataset(env_id, download=True)
     except ImportError as e:
         raise ImportError(f"--env-id {env_id} is a Minari dataset: pip install 'minari[hdf5]' pillow") from e
-    if env_id not in minari.list_local_datasets():
-        try:
-            minari.download_dataset(env_id)
-        except Exception as e:  # minari raises several kinds when offline or the id is unknown
-            raise ConnectionError(f"could not fetch Minari dataset {env_id} ({e}); check the id, or place it under "
-                                  f"$MINARI_DATASETS_PATH (default ~/.minari/datasets)") from e
-    dataset = minari.load_dataset(env_id)
-    spec = dataset.recover_environment(eval_env=True).spec
-    family = spec.id.split("-")[0].lower()
-    if family not in TERMINATION_FNS:
-        raise ValueError(f"{env_id} runs in {spec.id}, which has no termination function here "
-                         f"({sorted(TERMINATION_FNS)})")
-    meta = dataset.storage.metadata
+    except Exception as e:  # minari raises several kinds offline or for an unknown id
+        raise ConnectionError(f"could not load Minari dataset {env_id} ({e}); check the id") from e
+    spec, meta = dataset.recover_environment(eval_env=True).spec, dataset.storage.metadata
+    if (family := spec.id.split("-")[0].lower()) not in TERMINATION_FNS:
+        raise ValueError(f"{env_id} runs in {spec.id}, which has no termination function here")
     return Task(env_id, family, env_id.rsplit("/", 1)[-1].rsplit("-v", 1)[0], spec.id,
                 {**spec.kwargs, "max_episode_steps": spec.max_episode_steps}, meta.get("ref_min_score"),
-                meta.get("ref_max_score"), None, minari_id=env_id)
+                meta.get("ref_max_score"), minari_id=env_id)
 
 
-def d4rl_cache_dir() -> Path:
-    return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
-
-
-def check_hdf5(path: Path, fix: str = "") -> None:
-    """Cheap structural check of a D4RL-layout file: it opens, has the required keys, and they have one length.
-    `fix` is appended to the error (how to re-fetch a damaged cache entry)."""
+def download(url: str, part: Path) -> None:
+    part.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in REQUIRED_KEYS if k not in f]
-            lengths = {k: f[k].shape[0] if f[k].ndim else 0 for k in REQUIRED_KEYS if k in f}
-    except OSError as e:
-        raise ValueError(f"{path} is not a readable hdf5 file ({e}){fix}") from e
-    if missing:
-        raise ValueError(f"{path} lacks key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)}{fix}")
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"{path}: keys have different lengths {lengths}; each key needs one row per transition{fix}")
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with Progress(f"download {part.name}", size, "B") as progress:
+                while chunk := response.read(1 << 20):
+                    progress.update(f.write(chunk))
+        if size is not None and part.stat().st_size != size:
+            raise OSError(f"the connection closed after {part.stat().st_size} of {size} bytes")
+    except BaseException as e:  # a network error, Ctrl-C or SIGTERM: no file left behind
+        part.unlink(missing_ok=True)
+        if isinstance(e, (OSError, http.client.HTTPException)):
+            raise ConnectionError(f"could not download {url} ({e!r}); run again, place the file at "
+                                  f"{part.with_suffix('')} by hand, or pass --dataset-path") from e
+        raise
 
 
-def download(url: str, path: Path, attempts: int = 3) -> None:
-    """Fetch url into `path.part` (resuming it where the server honours Range), check it, then rename to path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    for attempt in range(1, attempts + 1):
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                if response.getcode() != 206:  # the server sent the whole file: start over
-                    have = 0
-                size = int(response.headers.get("Content-Length") or 0)
-                total = have + size if size else None
-                bar = tqdm(initial=have, total=total, unit="B", unit_scale=True, desc=f"download {path.name}",
-                           disable=None)  # bars only on a terminal
-                with open(part, "ab" if have else "wb") as f, bar:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            if total is not None and part.stat().st_size < total:
-                raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
-            break
-        except (OSError, http.client.HTTPException) as e:
-            if attempt == attempts or isinstance(e, urllib.error.HTTPError):
-                raise ConnectionError(f"could not download {url} to {path} ({e!r}); the partial file {part} "
-                                      f"resumes on the next run, or fetch the file by hand and place it at {path}, "
-                                      f"or pass --dataset-path") from e
-            print(f"download interrupted ({e!r}); resuming ({attempt}/{attempts - 1})")
-    try:
-        check_hdf5(part)
-    except ValueError as e:
-        part.unlink()
-        raise ValueError(f"downloaded {url}, but it is not a valid D4RL file ({e}); deleted it, run again") from e
-    part.replace(path)
-
-
-def load_dataset(path: Path, obs_dim: int, act_dim: int, fix: str = "") -> dict:
-    """Read a D4RL-layout hdf5 and check it against the env: a dict of float32 arrays (D12)."""
+def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist; check --dataset-path")
-    check_hdf5(path, fix)
-    with h5py.File(path, "r") as f:
-        return check_dataset({k: f[k][()] for k in REQUIRED_KEYS}, path, obs_dim, act_dim)
+    try:
+        with h5py.File(path, "r") as f:
+            return check_dataset({k: f[k][()] for k in DATA_KEYS if k in f}, path, obs_dim, act_dim)
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable hdf5 file ({e})") from None
 
 
-def check_dataset(data: dict, path, obs_dim: int, act_dim: int) -> dict:
-    data = {k: np.asarray(data[k], dtype=np.float32) for k in REQUIRED_KEYS}
+def check_dataset(data: dict, source, obs_dim: int, act_dim: int) -> dict:
+    """D12: every key, a row per transition, the env's dimensions, finite values."""
+    if missing := [k for k in DATA_KEYS if k not in data]:
+        raise ValueError(f"{source} lacks key(s) {missing}; a D4RL-layout file needs {list(DATA_KEYS)}")
     n = len(data["observations"])
-    data["rewards"] = data["rewards"].reshape(n, -1).squeeze(-1)
-    data["terminals"] = data["terminals"].reshape(n, -1).squeeze(-1)
-    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "actions": (n, act_dim),
-                "rewards": (n,), "terminals": (n,)}
-    for key, shape in expected.items():
+    for key, shape in zip(DATA_KEYS, [(n, obs_dim), (n, act_dim), (n,), (n, obs_dim), (n,)]):
+        data[key] = np.asarray(data[key], dtype=np.float32)
         if data[key].shape != shape:
-            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected {shape} for this env "
-                             f"(obs_dim {obs_dim}, act_dim {act_dim}); does --env-id match the dataset?")
+            raise ValueError(f"{source}: {key} has shape {data[key].shape}, expected {shape} (a row per transition, "
+                             f"this env's dims); does --env-id match the data?")
         if not np.isfinite(data[key]).all():
-            raise ValueError(f"{path}: {key} holds NaN or inf values; clean the dataset first")
-    return data
+            raise ValueError(f"{source}: {key} holds NaN or inf values; clean the dataset first")
+    return {k: data[k] for k in DATA_KEYS}
 
 
 def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: int) -> dict:
     if dataset_path is not None:
-        data = load_dataset(Path(dataset_path), obs_dim, act_dim)
-    elif task.minari_id is not None:
+        return load_dataset(Path(dataset_path), obs_dim, act_dim)
+    if task.minari_id is not None:
         import minari
 
-        episodes = list(minari.load_dataset(task.minari_id).iterate_episodes())
-        data = check_dataset({"observations": np.concatenate([e.observations[:-1] for e in episodes]),
-                              "next_observations": np.concatenate([e.observations[1:] for e in episodes]),
-                              "actions": np.concatenate([e.actions for e in episodes]),
-                              "rewards": np.concatenate([e.rewards for e in episodes]),
-                              "terminals": np.concatenate([e.terminations for e in episodes])},
-                             task.minari_id, obs_dim, act_dim)
-    elif task.file_name is None:
+        eps = list(minari.load_dataset(task.minari_id).iterate_episodes())
+        return check_dataset({"observations": np.concatenate([e.observations[:-1] for e in eps]),
+                              "actions": np.concatenate([e.actions for e in eps]),
+                              "rewards": np.concatenate([e.rewards for e in eps]),
+                              "next_observations": np.concatenate([e.observations[1:] for e in eps]),
+                              "terminals": np.concatenate([e.terminations for e in eps])}, task.env_id, obs_dim, act_dim)
+    if task.file_name is None:
         raise ValueError(f"--env-id {task.env_id} is not a D4RL task, so it needs --dataset-path")
-    else:
-        path = d4rl_cache_dir() / task.file_name
-        if not path.exists():
-            download(D4RL_URL.format(file=task.file_name), path)
-        # never train on a damaged cache entry: say how to re-fetch it
-        data = load_dataset(path, obs_dim, act_dim, f"; the cached file is damaged: delete it with `rm {path}` and "
-                                                    f"run again to re-download, or place a good copy there")
-    if task.reward_fn is not None:  # Sec. 5.2: every reward relabelled with the new task's
-        data["rewards"] = task.reward_fn(data["observations"], data["actions"], data["next_observations"])
-        data["rewards"] = data["rewards"].astype(np.float32)
+    path = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser() / task.file_name  # d4rl's cache
+    if path.exists():
+        try:
+            return load_dataset(path, obs_dim, act_dim)
+        except ValueError as e:  # never train on a damaged cache entry
+            raise ValueError(f"{e}; the cached file is damaged: rm {path} and run again to download it") from None
+    part, url = path.with_name(path.name + ".part"), D4RL_URL.format(file=task.file_name)
+    download(url, part)
+    try:
+        data = load_dataset(part, obs_dim, act_dim)
+    except ValueError as e:
+        part.unlink()
+        raise ValueError(f"downloaded {url}, but it is not a valid D4RL file ({e}); deleted it: run again") from None
+    part.replace(path)
     return data
 
 
 class ReplayBuffer:
-    """Transitions as rows [s, a, r, s', done] of one [capacity, width] tensor on the training device; once full,
-    new rows overwrite the oldest (FIFO, D9). Sampling is uniform with device-side indices, and reads the fill level
-    from a device tensor, so a captured CUDA graph keeps sampling every row as the buffer grows."""
+    """Rows [s, a, r, s', done] on the training device, FIFO once full (D9); sampling reads the fill level from the
+    device, so a recorded CUDA graph reaches rows added later."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.fields = (obs_dim, act_dim, 1, obs_dim, 1)
         self.data = torch.zeros(capacity, sum(self.fields), device=device)
         self.capacity, self.ptr, self.size = capacity, 0, 0
-        self.count = torch.zeros((), dtype=torch.long, device=device)  # = size, on the device
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # = size
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows[-self.capacity:]  # [n, width]
         n = len(rows)
-        first = min(n, self.capacity - self.ptr)  # rows that fit before the end; the rest wrap to the front
-        self.data[self.ptr: self.ptr + first] = rows[:first]  # in place: a graph reading self.data sees them
+        first = min(n, self.capacity - self.ptr)  # rows before the end; the rest wrap to the front
+        self.data[self.ptr: self.ptr + first] = rows[:first]  # in place, where a graph reads
         self.data[: n - first] = rows[first:]
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
         self.count.fill_(self.size)
 
     def sample(self, n: int) -> torch.Tensor:
-        idx = torch.randint(2**62, (n,), device=self.data.device) % self.count  # uniform in [0, size)
-        return self.data[idx]  # [n, width]
+        return self.data[torch.randint(2**62, (n,), device=self.data.device) % self.count]  # [n, width]
 
     def split(self, rows: torch.Tensor):
         obs, act, rew, next_obs, done = rows.split(self.fields, dim=1)
         return obs, act, rew.squeeze(1), next_obs, done.squeeze(1)  # rew, done: [n]
+
+    def state_dict(self) -> dict:
+        return {"rows": self.data[: self.size], "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data[: len(state["rows"])] = state["rows"].to(self.data.device)
+        self.ptr, self.size = state["ptr"], len(state["rows"])
+        self.count.fill_(self.size)
 
 
 def to_rows(obs, act, rew, next_obs, done) -> torch.Tensor:
@@ -473,7 +347,7 @@ def to_rows(obs, act, rew, next_obs, done) -> torch.Tensor:
 
 
 def sample_mixed(real: ReplayBuffer, model: ReplayBuffer, batch_size: int, real_ratio: float) -> torch.Tensor:
-    """D10: int(real_ratio·B) real rows, the rest from the model buffer, as one fused batch."""
+    """D10: int(real_ratio·B) real rows, then model rows."""
     n_real = int(real_ratio * batch_size)
     return torch.cat([real.sample(n_real), model.sample(batch_size - n_real)])
 
@@ -510,9 +384,9 @@ TERMINATION_FNS: dict[str, Callable] = {
 }
 
 
-# === 4. Ensemble dynamics p̂(s', r | s, a) (Sec. 4.3, authors' BNN) ===
+# === 4. Ensemble dynamics p̂(s', r | s, a) (Sec. 4.3, the authors' BNN) ===
 class EnsembleLinear(nn.Module):
-    """E independent linear layers as one batched matmul: [E, B, in] → [E, B, out]. Init per member as nn.Linear."""
+    """E linear layers as one batched matmul: [E, B, in] → [E, B, out]."""
 
     def __init__(self, num_members: int, in_dim: int, out_dim: int, spectral_norm: bool = False):
         super().__init__()
@@ -527,8 +401,7 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.normalized_weight() if self.spectral_norm else self.weight)
 
     def normalized_weight(self):
-        """W / σ_max(W) per member (Miyato et al. 2018): σ = vᵀWu, u refined by one power-iteration step per training
-        forward (after training, `train_dynamics` sets u exactly)."""
+        """W / σ_max(W) (Miyato et al. 2018): σ = vᵀWu, one power-iteration step per training forward."""
         with torch.no_grad():
             v = F.normalize(torch.einsum("eio,eo->ei", self.weight, self.sn_u), dim=1)  # [E, in]
             if self.training:
@@ -539,7 +412,7 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleDynamics(nn.Module):
-    """Gaussian ensemble: (s, a) → mean and log-variance of [r, Δs] for every member (D1–D3)."""
+    """(s, a) → each member's mean and log-variance of [r, Δs] (D1-D3)."""
 
     weight_decays = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4, 1e-4)  # D4: hidden layers 1..4, mean head, log-var head
 
@@ -547,10 +420,10 @@ class EnsembleDynamics(nn.Module):
                  spectral_norm: bool = False):
         super().__init__()
         self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "num_ensemble": num_ensemble, "num_elites": num_elites,
-                       "dynamics_hidden_dim": hidden_dim, "spectral_norm": spectral_norm}  # checked by load_dynamics
+                       "dynamics_hidden_dim": hidden_dim, "spectral_norm": spectral_norm}  # load_dynamics checks it
         in_dim, out_dim = obs_dim + act_dim, 1 + obs_dim
         dims = (in_dim, hidden_dim, hidden_dim, hidden_dim, hidden_dim)
-        # D16: the paper's Lipschitz-regularized mean: spectral norm on every layer but the log-variance head
+        # D16: spectral norm on every layer but the log-variance head
         self.hidden = nn.ModuleList(EnsembleLinear(num_ensemble, i, o, spectral_norm) for i, o in zip(dims, dims[1:]))
         self.mean_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim, spectral_norm)
         self.logvar_head = EnsembleLinear(num_ensemble, hidden_dim, out_dim)
@@ -568,7 +441,7 @@ class EnsembleDynamics(nn.Module):
         return [*self.hidden, self.mean_head, self.logvar_head]
 
     def forward(self, obs, act):
-        """obs, act: [B, ·] (same rows for every member) or [E, B, ·] → mean, logvar: [E, B, 1 + obs_dim]."""
+        """obs, act: [B, ·] or [E, B, ·] → mean, logvar: [E, B, 1 + obs_dim]."""
         x = (torch.cat([obs, act], dim=-1) - self.input_mean) / self.input_std
         if x.dim() == 2:
             x = x.expand(self.mean_head.weight.shape[0], *x.shape)  # [E, B, in]
@@ -581,40 +454,40 @@ class EnsembleDynamics(nn.Module):
 
 
 def gaussian_nll(mean, logvar, target):
-    """Per-member Gaussian NLL without its constant, mean over batch and dims: [E, B, D] → [E]. Equals
-    2·(−log N(target; mean, e^logvar)) − log 2π, averaged."""
+    """Each member's Gaussian NLL without its constant, averaged: [E, B, D] → [E]."""
     return ((mean - target).pow(2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))
 
 
 def dynamics_loss(model: EnsembleDynamics, obs, act, target):
-    """D4: NLL summed over members + the log-var bound terms. Inputs [E, B, ·] (each member its own rows). The L2
-    term 0.5·wd·Σw² is left to `dynamics_optimizer`, whose weight decay adds its gradient wd·w."""
+    """D4: NLL summed over members + the bound terms (L2: Adam's weight decay); inputs [E, B, ·]."""
     loss = gaussian_nll(*model(obs, act), target).sum()
     return loss + 0.01 * model.max_logvar.sum() - 0.01 * model.min_logvar.sum()
 
 
 def dynamics_optimizer(model: EnsembleDynamics, lr: float, capturable: bool = False) -> torch.optim.Adam:
-    """Adam with each layer's weight decay (D4) as coupled L2, the gradient of 0.5·wd·Σw² in the loss, without
-    building that term in the graph; biases and log-var bounds are not decayed (authors' code)."""
+    """D4: Adam whose weight decay is the gradient of each layer's 0.5·wd·Σw²."""
     groups = [{"params": [layer.weight], "weight_decay": wd} for layer, wd in zip(model.layers(), model.weight_decays)]
     rest = [p for p in model.parameters() if all(p is not g["params"][0] for g in groups)]
     return adam(groups + [{"params": rest}], lr, model.input_mean.device, capturable)
 
 
 def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    """Fused Adam where torch has it: one kernel per step (8% off a CPU SAC update, benchmarks/speed.py).
-    `capturable` keeps its step count on the GPU, which a CUDA graph needs (eager, it costs a little)."""
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
 
 
+def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def cuda_graph(fn: Callable) -> Callable:
-    """Speed, GPU only: these small networks are launch-bound, so record fn's kernels once and replay them in one
-    launch. fn must touch only tensors that stay in place (weights, optimizer states, buffers, fixed inputs); then
-    each call of the result is one more call of fn, and returns the graph's outputs, overwritten by each replay."""
+    """Speed on a GPU, where these small networks are launch-bound: record fn, then replay it in one launch. fn may
+    touch only tensors that stay in place; each call is one more call of fn (outputs overwritten)."""
     graph, side, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), []
 
     def call():
-        if len(outputs) < 3:  # warm-up calls run eagerly on a side stream, as torch asks before a capture
+        if len(outputs) < 3:  # eager warm-ups on a side stream, as torch asks
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 outputs.append(fn())
@@ -628,12 +501,6 @@ def cuda_graph(fn: Callable) -> Callable:
     return call
 
 
-def make_model_data(real: ReplayBuffer):
-    """Model inputs (s, a) and targets [r, Δs] (D1) from every real transition."""
-    obs, act, rew, next_obs, _ = real.split(real.data[: real.size])
-    return obs, act, torch.cat([rew[:, None], next_obs - obs], dim=1)
-
-
 @torch.no_grad()
 def holdout_mse(model, obs, act, target):
     mean, _ = model(obs, act)  # [E, B, 1 + obs_dim]
@@ -641,95 +508,97 @@ def holdout_mse(model, obs, act, target):
 
 
 def select_elites(model: EnsembleDynamics, obs, act, target):
-    """D5: the members with the lowest holdout MSE become the elites. Returns every member's MSE [E]."""
+    """D5: the members of lowest holdout MSE are the elites."""
     mse = holdout_mse(model, obs, act, target)
     model.elites.copy_(mse.argsort()[: len(model.elites)])
     return mse
 
 
-def train_dynamics(model: EnsembleDynamics, obs, act, target, args: Args, writer=None, state=None, save=None,
-                   sigterm=()) -> dict:
-    """D5: bootstrap per member, holdout early stopping with per-member snapshots, then pick elites. Preemptible:
-    `save(state, stop)` gets the training state after each epoch, and with stop=True at the minibatch where a SIGTERM
-    arrived (`sigterm` non-empty); passed back as `state`, it trains on to the same ensemble (CPU, deterministic)."""
-    E, B = args.num_ensemble, args.dynamics_batch_size
-    graph = getattr(args, "cuda_graph", False) and obs.is_cuda
-    shuffle = lambda boot: boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # per member
+def shuffled(boot):
+    return boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # each member its own order
+
+
+def start_training(model: EnsembleDynamics, obs, act, args) -> dict:
+    """D5: holdout split, input statistics (D1), a bootstrap of the rest per member."""
+    perm = torch.randperm(len(obs), device=obs.device)
+    if (n_holdout := min(int(0.2 * len(obs)), args.holdout_size)) < 1:
+        raise ValueError(f"{len(obs)} transitions are too few to hold any out for early stopping")
+    hold, train = perm[:n_holdout], perm[n_holdout:]
+    inputs = torch.cat([obs[train], act[train]], dim=1)
+    model.input_mean.copy_(inputs.mean(0))
+    std = inputs.std(0, unbiased=False)  # np.std, as the authors' scaler
+    model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
+    boot = train[torch.randint(len(train), (args.num_ensemble, len(train)), device=obs.device)]  # [E, N]
+    return {"epoch": 0, "epochs_since_update": 0, "hold": hold, "best": obs.new_full((args.num_ensemble,), 1e10),
+            "snapshot": [p.detach().clone() for layer in model.layers() for p in (layer.weight, layer.bias)],
+            "boot": shuffled(boot)}
+
+
+def train_dynamics(model: EnsembleDynamics, data: tuple, args, writer=None, state=None, on_epoch=None) -> dict:
+    """D5 on data = (s, a, [r, Δs]). `on_epoch(state)` may checkpoint after each epoch; given back as `state`,
+    training ends with the ensemble it would have reached (CPU)."""
+    obs, act, target = data
+    B, graph = args.dynamics_batch_size, getattr(args, "cuda_graph", False) and obs.is_cuda
     optimizer = dynamics_optimizer(model, args.dynamics_lr, capturable=graph)
     member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
     if state is None:
-        perm = torch.randperm(len(obs), device=obs.device)
-        n_holdout = min(int(0.2 * len(obs)), args.holdout_size)
-        if n_holdout < 1:
-            raise ValueError(f"dataset of {len(obs)} transitions is too small to hold out any for early stopping")
-        hold, train = perm[:n_holdout], perm[n_holdout:]
-        inputs = torch.cat([obs[train], act[train]], dim=1)
-        model.input_mean.copy_(inputs.mean(0))
-        std = inputs.std(0, unbiased=False)  # np.std, as the authors' scaler
-        model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
-        state = {"epoch": 0, "batch": 0, "epochs_since_update": 0, "hold": hold, "loss_sum": obs.new_zeros(()),
-                 "best": obs.new_full((E,), 1e10), "snapshot": [p.detach().clone() for p in member_params],
-                 "boot": shuffle(train[torch.randint(len(train), (E, len(train)), device=obs.device)])}  # [E, N]
-    else:  # a checkpoint's state, loaded on the CPU
-        state = {k: v.to(obs.device) if torch.is_tensor(v) else v for k, v in state.items()}
-        state["snapshot"] = [s.to(obs.device) for s in state["snapshot"]]
-        optimizer.load_state_dict(state["optimizer"])
+        state = start_training(model, obs, act, args)
+    else:  # a checkpoint's, loaded on the CPU
+        state = {k: [x.to(obs.device) for x in v] if k == "snapshot" else v.to(obs.device) if torch.is_tensor(v)
+                 else v for k, v in state.items()}
+        optimizer.load_state_dict(state.pop("optimizer"))
     hold, n_batches = state["hold"], -(-state["boot"].shape[1] // B)
 
     def fit(idx):  # one Adam step; idx [E, B]: each member its own bootstrap rows
         loss = dynamics_loss(model, obs[idx], act[idx], target[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(optimizer, loss)
         return loss.detach()
-    batch_idx = state["boot"][:, :B].clone()  # the CUDA graph's fixed input, refilled before each replay
+    batch_idx = state["boot"][:, :B].clone()  # the CUDA graph's input, refilled before each replay
     fit_graph = cuda_graph(lambda: fit(batch_idx)) if graph else None
-    bar = tqdm(desc="dynamics", unit="epoch", initial=state["epoch"], total=args.dynamics_max_epochs, disable=None)
+    progress = Progress("dynamics", args.dynamics_max_epochs, "epoch", state["epoch"])
     while True:
-        for b in range(state["batch"], state["boot"].shape[1], B):
-            if sigterm:
-                save(state | {"batch": b, "optimizer": optimizer.state_dict()}, True)
+        loss_sum = obs.new_zeros(())
+        for b in range(0, state["boot"].shape[1], B):
             idx = state["boot"][:, b: b + B]  # [E, ≤B]
             if graph and idx.shape[1] == B:
                 batch_idx.copy_(idx)
-                state["loss_sum"] += fit_graph()
+                loss_sum += fit_graph()
             else:  # CPU, or the last, shorter minibatch
-                state["loss_sum"] += fit(idx)
-        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                loss_sum += fit(idx)
+            progress.update(0)
+        state["epoch"] += 1
         mse = holdout_mse(model, obs[hold], act[hold], target[hold])  # [E]
         improved = (state["best"] - mse) / state["best"] > 0.01
         state["best"] = torch.where(improved, mse, state["best"])
         for p, s in zip(member_params, state["snapshot"]):
             s[improved] = p.detach()[improved]
         state["epochs_since_update"] = 0 if improved.any() else state["epochs_since_update"] + 1
-        scalars = {"dynamics/train_loss": state["loss_sum"].item() / n_batches,
-                   "dynamics/holdout_mse": mse.mean().item()}
-        state["loss_sum"] = torch.zeros_like(state["loss_sum"])
-        log_scalars(writer, scalars, state["epoch"], None, where="dynamics epoch")
-        bar.update()
-        bar.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}")
+        scalars = {"dynamics/train_loss": loss_sum.item() / n_batches, "dynamics/holdout_mse": mse.mean().item()}
+        log_scalars(writer, scalars, state["epoch"], "dynamics epoch")
+        progress.set_postfix(holdout_mse=f"{scalars['dynamics/holdout_mse']:.4g}", refresh=False)
+        progress.update(1)
         if state["epochs_since_update"] > 5 or state["epoch"] == args.dynamics_max_epochs:
             break
-        state["boot"] = shuffle(state["boot"])  # the next epoch's order, saved with the checkpoint
-        if save is not None:
-            save(state | {"optimizer": optimizer.state_dict()}, bool(sigterm))
-    bar.close()
+        state["boot"] = shuffled(state["boot"])  # the next epoch's order, drawn before the checkpoint
+        if on_epoch is not None:
+            on_epoch(state | {"optimizer": optimizer.state_dict()})
+    progress.close()
     with torch.no_grad():
         for p, s in zip(member_params, state["snapshot"]):
             p.copy_(s)
-        for layer in model.layers():  # D16: exact σ for the restored weights (u = the top right singular vector)
+        for layer in model.layers():  # D16: exact σ for the restored weights
             if layer.spectral_norm:
                 layer.sn_u.copy_(torch.linalg.svd(layer.weight, full_matrices=False).Vh[:, 0])  # [E, out]
     mse = select_elites(model, obs[hold], act[hold], target[hold])
     stats = {"epochs": state["epoch"], "holdout_mse": mse.mean().item(), "member_holdout_mse": mse.tolist(),
              "elite_holdout_mse": mse[model.elites].mean().item()}
-    log_scalars(writer, {"dynamics/epochs": state["epoch"], "dynamics/elite_holdout_mse": stats["elite_holdout_mse"]},
-                0, None, where="the end of dynamics training, step")
+    log_scalars(writer, {"dynamics/epochs": stats["epochs"], "dynamics/elite_holdout_mse": stats["elite_holdout_mse"]},
+                0, "the end of dynamics training, step")
     return stats
 
 
 # === 5. MOPO: uncertainty-penalized model rollouts (Alg. 2) ===
-ROLLOUT_CHUNK_CPU = 1024  # rows per rollout chunk on CPU (see `rollout`)
+ROLLOUT_CHUNK_CPU = 1024  # CPU rollouts in chunks: [E, chunk, 200] activations stay in cache
 
 
 def penalty(mean, logvar, kind: str = "aleatoric"):
@@ -743,8 +612,7 @@ def penalty(mean, logvar, kind: str = "aleatoric"):
 
 
 def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination_fn: Callable):
-    """One step in the learned model from obs, act [B, ·]: (sampled reward r [B], penalty u [B], s' [B, obs_dim],
-    done [B] bool). The penalized MDP's reward is r̃ = r − λ·u (Alg. 2)."""
+    """One model step from obs, act [B, ·]: sampled reward r [B], penalty u [B], s' [B, obs_dim], done [B] bool."""
     mean, logvar = model(obs, act)  # [E, B, 1 + obs_dim]
     u = penalty(mean, logvar, penalty_kind)  # [B]
     member = model.elites[torch.randint(len(model.elites), (len(obs),), device=obs.device)]  # D7
@@ -759,17 +627,15 @@ def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination
 
 
 @torch.no_grad()
-def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam: float, penalty_kind: str,
-            termination_fn: Callable, chunk_size: Optional[int] = None):
-    """h-step branched rollouts from start_obs [B, obs_dim] under the current policy in the penalized MDP.
-    Returns transition rows [M, width] (M ≤ B·h) and a dict of statistics (tensors)."""
+def rollout(actor, step_fn: Callable, start_obs, rollout_length: int, lam: float, chunk_size: Optional[int] = None):
+    """h-step branched rollouts in the penalized MDP from start_obs [B, obs_dim]; step_fn is `model_step` with its
+    model, penalty and termination function bound. Returns rows [M ≤ B·h, width] and statistics."""
     rows, raw_rew, pen, terminal = [], [], [], []
-    # CPU: 1,024-row chunks keep the [E, chunk, 200] activations in cache (25% faster than 10k rows); GPU: one chunk
     chunk_size = chunk_size or (ROLLOUT_CHUNK_CPU if start_obs.device.type == "cpu" else len(start_obs))
     for obs in start_obs.split(chunk_size):
         for _ in range(rollout_length):
             act, _ = actor.sample(obs)  # D8: the current stochastic policy
-            rew, u, next_obs, done = model_step(model, obs, act, penalty_kind, termination_fn)
+            rew, u, next_obs, done = step_fn(obs, act)
             rows.append(to_rows(obs, act, rew - lam * u, next_obs, done))  # Alg. 2: r̃ = r − λ·u(s, a)
             raw_rew.append(rew), pen.append(u), terminal.append(done)
             obs = next_obs[~done]  # terminated branches stop
@@ -782,31 +648,26 @@ def rollout(actor, model: EnsembleDynamics, start_obs, rollout_length: int, lam:
 
 
 @torch.no_grad()
-def model_returns(actor, model: EnsembleDynamics, start_obs, horizon: int, lam: float, penalty_kind: str,
-                  termination_fn: Callable, seed: int = 0, graph: bool = False) -> dict:
-    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the learned model from start_obs [N, obs_dim],
-    up to `horizon` steps or the termination function. Per episode [N], on start_obs's device: the raw model return
-    Σ r (η of M̂), the penalized return Σ (r − λ·u) (η of M̃, a lower bound of the true return when λ·u bounds the
-    model's error), and the length. Random numbers from `seed`; training's generators are restored after. With
-    `graph` (CUDA) each step is replayed as a recorded graph and all `horizon` steps run: no host sync at all."""
+def model_returns(actor, step_fn: Callable, start_obs, horizon: int, lam: float, graph: bool = False) -> dict:
+    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the model from start_obs [N, obs_dim]. Per
+    episode [N]: Σ r (η of M̂), Σ (r − λ·u) (η of M̃, below the true return when λ·u bounds the model error), the
+    length. With `graph` (CUDA), all `horizon` steps replay a recorded graph."""
     obs = start_obs.clone()
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
 
-    def step():  # in place; a finished episode keeps stepping (fixed shapes) but earns nothing
-        rew, u, next_obs, done = model_step(model, obs, actor.act(obs), penalty_kind, termination_fn)
+    def one_step():  # in place, fixed shapes: a finished episode keeps stepping but earns nothing
+        rew, u, next_obs, done = step_fn(obs, actor.act(obs))
         ret.add_(torch.where(alive, rew, 0.0))
         penalized.add_(torch.where(alive, rew - lam * u, 0.0))
         length.add_(alive)
         alive.logical_and_(~done)
         obs.copy_(next_obs)
-    run = cuda_graph(step) if graph else step
-    with torch.random.fork_rng(devices=[obs.device] if obs.is_cuda else []):
-        torch.manual_seed(seed)
-        for _ in range(horizon):
-            run()
-            if not graph and not alive.any():
-                break
+    run = cuda_graph(one_step) if graph else one_step
+    for _ in range(horizon):
+        run()
+        if not graph and not alive.any():
+            break
     return {"model_return": ret, "penalized_model_return": penalized, "model_length": length}
 
 
@@ -849,16 +710,32 @@ class Actor(nn.Module):
 class TwinQ(nn.Module):
     """Twin critics as one batched module: (s, a) [B, ·] → Q [2, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, num_q: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256):
         super().__init__()
-        self.num_q = num_q
-        self.net = nn.Sequential(EnsembleLinear(num_q, obs_dim + act_dim, hidden_dim), nn.ReLU(),
-                                 EnsembleLinear(num_q, hidden_dim, hidden_dim), nn.ReLU(),
-                                 EnsembleLinear(num_q, hidden_dim, 1))
+        self.net = nn.Sequential(EnsembleLinear(2, obs_dim + act_dim, hidden_dim), nn.ReLU(),
+                                 EnsembleLinear(2, hidden_dim, hidden_dim), nn.ReLU(), EnsembleLinear(2, hidden_dim, 1))
 
     def forward(self, obs, act):
-        x = torch.cat([obs, act], dim=1).expand(self.num_q, -1, -1)  # [2, B, obs_dim + act_dim]
+        x = torch.cat([obs, act], dim=1).expand(2, -1, -1)  # [2, B, obs_dim + act_dim]
         return self.net(x).squeeze(-1)  # [2, B]
+
+
+class SAC(nn.Module):
+    """Actor, twin critics, their targets, log α: what checkpoints and --save-model hold."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_space: gym.spaces.Box, alpha: float):
+        super().__init__()
+        self.actor = Actor(obs_dim, act_dim, action_space.low, action_space.high)
+        self.qf, self.qf_target = TwinQ(obs_dim, act_dim), TwinQ(obs_dim, act_dim)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.qf_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)))
+
+
+def sac_optimizers(sac: SAC, args: Args, device: torch.device, capturable: bool) -> dict:
+    return {"q": adam(sac.qf.parameters(), args.q_lr, device, capturable),
+            "actor": adam(sac.actor.parameters(), args.policy_lr, device, capturable),
+            "alpha": adam([sac.log_alpha], args.alpha_lr, device, capturable)}
 
 
 def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
@@ -869,82 +746,54 @@ def soft_bellman_target(rew, done, next_q, next_log_prob, alpha, gamma):
     return rew + gamma * (1.0 - done) * (next_q - alpha * next_log_prob)
 
 
-def sac_update(batch, actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt, args: Args) -> dict:
+def sac_update(sac: SAC, opts: dict, batch: tuple, args: Args) -> dict:
     """One gradient step of critics, actor and α on one batch; returns detached tensors (no host sync)."""
     obs, act, rew, next_obs, done = batch
-    alpha = log_alpha.exp().detach() if args.autotune else args.alpha
+    alpha = sac.log_alpha.exp().detach() if args.autotune else args.alpha
     with torch.no_grad():
-        next_act, next_log_prob = actor.sample(next_obs)
-        next_q = qf_target(next_obs, next_act).min(dim=0).values  # [B]
+        next_act, next_log_prob = sac.actor.sample(next_obs)
+        next_q = sac.qf_target(next_obs, next_act).min(dim=0).values  # [B]
         target = soft_bellman_target(rew, done, next_q, next_log_prob, alpha, args.gamma)
-    q = qf(obs, act)  # [2, B]
+    q = sac.qf(obs, act)  # [2, B]
     q_loss = 0.5 * (q - target).pow(2).mean(dim=1).sum()  # each critic its own MSE, as separate optimizers would
-    q_opt.zero_grad(set_to_none=True)
-    q_loss.backward()
-    q_opt.step()
+    step(opts["q"], q_loss)
 
-    qf.requires_grad_(False)  # the actor's backward needs no critic weight gradients
-    new_act, log_prob = actor.sample(obs)
-    actor_loss = (alpha * log_prob - qf(obs, new_act).min(dim=0).values).mean()
-    actor_opt.zero_grad(set_to_none=True)
-    actor_loss.backward()
-    actor_opt.step()
-    qf.requires_grad_(True)
+    sac.qf.requires_grad_(False)  # the actor's backward needs no critic weight gradients
+    new_act, log_prob = sac.actor.sample(obs)
+    actor_loss = (alpha * log_prob - sac.qf(obs, new_act).min(dim=0).values).mean()
+    step(opts["actor"], actor_loss)
+    sac.qf.requires_grad_(True)
 
     info = {"losses/q_loss": q_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
             "charts/q_mean": q.mean().detach(), "charts/entropy": -log_prob.mean().detach()}
     if args.autotune:
-        alpha_loss = -(log_alpha * (log_prob.detach() + args.target_entropy)).mean()
-        alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        alpha_opt.step()
+        alpha_loss = -(sac.log_alpha * (log_prob.detach() + args.target_entropy)).mean()
+        step(opts["alpha"], alpha_loss)
         info["losses/alpha_loss"] = alpha_loss.detach()
     with torch.no_grad():  # Polyak averaging of the target critics, fused
-        torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
+        torch._foreach_lerp_(list(sac.qf_target.parameters()), list(sac.qf.parameters()), args.tau)
     return info
 
 
 # === 7. Evaluation: deterministic episodes in gymnasium MuJoCo, D4RL normalized score per episode (D14) ===
 def make_env(task: Task) -> gym.Env:
+    """The task's env; MuJoCo's warnings go to Python's while it loads (so no MUJOCO_LOG.TXT)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is out of date.*")  # -v4 on purpose: D4RL's obs layout
-        env = gym.make(task.gym_id, **task.gym_kwargs)
-    return TaskEnv(env, task) if task.zero_contact or task.reward_fn else env
-
-
-class TaskEnv(gym.Wrapper):
-    """The eval env as the task's data saw it: for ant, contact forces zeroed and left out of the reward (D14);
-    for the out-of-distribution tasks, the relabelled reward r(s, a, s') (Sec. 5.2)."""
-
-    def __init__(self, env: gym.Env, task: Task):
-        super().__init__(env)
-        self.task, self.last_obs = task, None
-
-    def observe(self, obs):
-        if self.task.zero_contact:  # Ant's observation: 13 qpos, 14 qvel, then 84 contact forces
-            obs = obs.copy()
-            obs[27:] = 0.0
-        return obs
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        self.last_obs = self.observe(obs)
-        return self.last_obs, info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        obs = self.observe(obs)
-        if self.task.zero_contact:
-            reward += self.env.unwrapped.contact_cost
-        if self.task.reward_fn is not None:
-            reward = float(self.task.reward_fn(self.last_obs[None], np.asarray(action)[None], obs[None])[0])
-        self.last_obs = obs
-        return obs, reward, terminated, truncated, info
+        warnings.filterwarnings("ignore", message=".*(is out of date|settotalmass).*")  # -v4 XMLs, as D4RL's
+        mujoco.set_mju_user_warning(warnings.warn)
+        try:
+            env = gym.make(task.gym_id, **task.gym_kwargs)
+        finally:
+            mujoco.set_mju_user_warning(None)
+    if task.family == "ant" and task.file_name is not None:  # D14: D4RL's MuJoCo-2.0 ant saw no contact forces
+        env = gym.wrappers.TransformObservation(env, lambda obs: np.concatenate([obs[:27], 0 * obs[27:]]),
+                                                env.observation_space)
+        env = gym.wrappers.TransformReward(env, lambda reward: reward + env.unwrapped.contact_cost)
+    return env
 
 
 def summarize(task: Task, episodes: dict) -> dict:
-    """Mean and `_std` over episodes of each per-episode array in `episodes` (return, length, ...) and, where the task
-    has reference scores, of the per-episode normalized score (normalizing a std would subtract the min score)."""
+    """Mean and `_std` over episodes of each array, and of each episode's normalized score."""
     if task.ref_min is not None:
         episodes |= {"normalized_score": 100 * (episodes["return"] - task.ref_min) / (task.ref_max - task.ref_min)}
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}
@@ -952,247 +801,219 @@ def summarize(task: Task, episodes: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, envs: gym.vector.VectorEnv, obs: np.ndarray) -> dict:
-    """One deterministic episode per sub-env from `obs` [N, obs_dim], what `envs.reset` just returned, run side by side:
-    {"return": [N], "length": [N]}. `actor` should live on the CPU: each step's action then needs no GPU round trip."""
+def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int, gauge: Optional[Callable] = None) -> dict:
+    """A deterministic episode per sub-env from envs.reset(seed), `actor` on the CPU (no GPU round trip per step).
+    `gauge`: the model's episodes from the same states (D17), its noise from `seed`, training's RNG untouched."""
+
+    obs, _ = envs.reset(seed=seed)
     returns, lengths, running = np.zeros(envs.num_envs), np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
-    device = actor.action_scale.device
+    episodes = {}
+    if gauge is not None:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+            torch.manual_seed(seed)
+            episodes = {k: v.cpu() for k, v in gauge(torch.as_tensor(obs, dtype=torch.float32)).items()}
     while running.any():
-        action = actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-        obs, reward, terminated, truncated, _ = envs.step(action)
+        obs, reward, terminated, truncated, _ = envs.step(actor.act(torch.as_tensor(obs, dtype=torch.float32)).numpy())
         returns += reward * running  # a finished sub-env auto-resets; its later rewards are not counted
         lengths += running
         running &= ~(terminated | truncated)
-    return {"return": returns, "length": lengths}
-
-
-class Evaluator:
-    """Evaluation beside training (D18). `start` takes the policy at this update and launches its episodes in the env
-    (D14: in a thread, with a CPU copy of the actor) and in the learned model (D17: the gauge, on the training device;
-    on CUDA a recorded graph that the GPU runs between updates). `record` waits for them and logs: eval/ scalars, one
-    printed line, the evaluation appended to `results`, results.json. On the CPU `start` runs the episodes itself
-    and records at once (`in_turn`)."""
-
-    def __init__(self, task: Task, args: Args, actor: Actor, dynamics: EnsembleDynamics, lam: float, graph: bool,
-                 writer: SummaryWriter, results: dict, run_dir: Path):
-        self.task, self.args, self.actor, self.dynamics, self.lam, self.graph = task, args, actor, dynamics, lam, graph
-        self.writer, self.results, self.run_dir = writer, results, run_dir
-        self.device = actor.action_scale.device  # the training device
-        self.envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        self.cpu_actor = copy.deepcopy(actor).cpu()
-        self.horizon = self.envs.envs[0].spec.max_episode_steps or 1000  # the gauge's episodes: as long as the env's
-        self.thread, self.pending = ThreadPoolExecutor(max_workers=1), []  # [(episodes, gauge, epoch, step)]
-        self.in_turn = self.device.type == "cpu"  # beside training there, it only competes for the same cores
-        self.switch_interval = sys.getswitchinterval()
-
-    def start(self, epoch: int, step: int) -> None:
-        self.cpu_actor.load_state_dict(self.actor.state_dict())
-        obs, _ = self.envs.reset(seed=self.args.seed + step)
-        gauge = {}
-        if self.args.gauge:  # Theorem 4.4: the same policy from the same start states in the learned model
-            start = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            gauge = model_returns(self.actor, self.dynamics, start, self.horizon, self.lam, self.args.penalty,
-                                  TERMINATION_FNS[self.task.family], self.args.seed + step, self.graph)
-        if self.in_turn:  # here and now: run in the thread, even waited for, it slowed CPU runs by 20% (2 cores)
-            episodes = Future()
-            episodes.set_result(evaluate(self.cpu_actor, self.envs, obs))
-        else:  # training's thread needs the GIL for ~10 µs per update; at Python's default 5 ms switch interval the
-            sys.setswitchinterval(1e-4)  # episodes' Python kept it waiting (H200: +0.99 s per epoch, at 0.1 ms +0.52)
-            episodes = self.thread.submit(evaluate, self.cpu_actor, self.envs, obs)
-        self.pending.append((episodes, gauge, epoch, step))
-        if self.in_turn:
-            self.record()
-
-    def record(self) -> None:
-        for episodes, gauge, epoch, step in self.pending:
-            summary = summarize(self.task, episodes.result() | {k: v.cpu() for k, v in gauge.items()})
-            for k, v in summary.items():
-                self.writer.add_scalar(f"eval/{k}", v, step)
-            shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return")
-                     if k in summary]
-            tqdm.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
-                                                                   for k in shown))
-            self.results["evaluations"].append({"step": step, "epoch": epoch, **summary})
-            self.results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
-            atomic_save(self.run_dir / "results.json", self.results)
-        self.pending.clear()
-        sys.setswitchinterval(self.switch_interval)
-
-    def close(self) -> None:
-        self.thread.shutdown()
-        self.envs.close()
+    return {"return": returns, "length": lengths} | episodes
 
 
 # === 8. main: load → train the model → {rollout, SAC update, evaluate, log, checkpoint} → save ===
 RESULT_KEYS = ("return", "return_std", "normalized_score", "normalized_score_std")  # results.json: final_{key}
 
 
-def atomic_save(path: Path, obj) -> None:
-    """Write a temp file, then rename: a crash leaves the old file or the new one, never half of one."""
+def check_args(args: Args) -> None:
+    lowest = {"lam": 0, "epochs": 0} | {k: 1 for k in (
+        "rollout_length", "dynamics_max_epochs", "num_ensemble", "num_elites", "batch_size", "dynamics_batch_size",
+        "rollout_batch_size", "rollout_freq", "model_retain_epochs", "steps_per_epoch", "eval_freq", "eval_episodes",
+        "log_freq", "holdout_size", "dynamics_hidden_dim", "checkpoint_freq")}
+    for name, low in lowest.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for ok, message in [(0 <= args.real_ratio <= 1, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
+                        (args.num_elites <= args.num_ensemble, f"--num-elites must be <= --num-ensemble, got "
+                                                               f"{args.num_elites} > {args.num_ensemble}"),
+                        (0 <= args.gamma <= 1 and 0 < args.tau <= 1, "--gamma must be in [0, 1] and --tau in (0, 1]"),
+                        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}")]:
+        if not ok:
+            raise ValueError(message)
+
+
+def pick_device(name: str) -> torch.device:
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+class Progress(tqdm):
+    """tqdm's bar on a terminal; elsewhere (a SLURM log) a plain line at the start and at most once a minute."""
+
+    def __init__(self, desc: str, total: Optional[int], unit: str, initial: int = 0, every: float = 60.0):
+        self.plain = not sys.stdout.isatty()
+        plain = dict(file=sys.stdout, mininterval=every, maxinterval=every, miniters=0, leave=False,
+                     bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s [{elapsed}, {rate_fmt}{postfix}]")
+        super().__init__(desc=desc, total=total, initial=initial, unit=unit, unit_scale=unit == "B",
+                         **(plain if self.plain else {}))
+
+    def display(self, msg=None, pos=None):
+        if not self.plain:
+            return super().display(msg, pos)
+        if msg != "":  # "": tqdm clearing the bar
+            print(self, flush=True)
+
+
+def atomic_save(path: Path, obj) -> None:  # a crash never leaves half a file
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=2))
-    else:
-        torch.save(obj, tmp)
+    tmp.write_text(json.dumps(obj, indent=2)) if path.suffix == ".json" else torch.save(obj, tmp)
     tmp.replace(path)
 
 
-def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int, last_checkpoint: Optional[Path],
-                where: str = "update") -> None:
-    """Write scalars to TensorBoard, stopping at the first NaN/inf loss or penalty instead of training a silent NaN
-    policy."""
+def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int, where: str = "update",
+                checkpoint: Optional[Path] = None) -> None:
     for name, value in scalars.items():
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite {name} ({value}) at {where} {step}; stopping. Last checkpoint: "
-                                     f"{last_checkpoint or 'none'}")
+                                     f"{checkpoint or 'none'}")
         if writer is not None:
             writer.add_scalar(name, value, step)
 
 
+def record(writer: SummaryWriter, results: dict, run_dir: Path, summary: dict, epoch: int, step: int) -> None:
+    for k, v in summary.items():
+        writer.add_scalar(f"eval/{k}", v, step)
+    shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return") if k in summary]
+    print(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
+                                                     for k in shown), flush=True)
+    results["evaluations"].append({"step": step, "epoch": epoch, **summary})
+    results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
+    atomic_save(run_dir / "results.json", results)
+
+
+def load_file(path: Path, keys: tuple, fix: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=path.name != "checkpoint.pt")  # it holds RNG states
+    except Exception as e:  # torch raises many kinds for a truncated, empty or foreign file
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ValueError(f"{path} is damaged or not a torch file ({detail}); {fix}") from None
+    if missing := [k for k in keys if not isinstance(obj, dict) or k not in obj]:
+        raise ValueError(f"{path} lacks {missing}: not what mopo.py writes there; {fix}")
+    return obj
+
+
 def load_dynamics(path: str, model: EnsembleDynamics, env_id: str) -> dict:
-    """Load a saved ensemble after checking it fits this dataset and these flags; returns its training stats."""
     file = Path(path) / "dynamics.pt" if Path(path).is_dir() else Path(path)
+    fix = "--dynamics-path takes a run folder or its dynamics.pt (a run with --epochs 0 trains one)"
     if not file.is_file():
-        raise FileNotFoundError(f"--dynamics-path {path}: no such file; pass a run folder or its dynamics.pt")
-    saved = torch.load(file, map_location="cpu", weights_only=True)
-    saved_config = {"spectral_norm": False, **saved["config"]}  # files from before --spectral-norm lack the key
-    wrong = [f"{k} {saved_config.get(k)} in the file vs {v} here" for k, v in model.config.items()
-             if saved_config.get(k) != v]
-    if wrong:
-        raise ValueError(f"--dynamics-path {file} does not fit this run ({'; '.join(wrong)}); pass the flags it was "
-                         f"trained with (--num-ensemble, --num-elites, --dynamics-hidden-dim, --spectral-norm) or "
-                         f"train a new one")
+        raise FileNotFoundError(f"{file} does not exist; {fix}")
+    saved = load_file(file, ("state_dict", "config", "env_id", "stats"), fix)
+    config = {"spectral_norm": False} | saved["config"]  # files from before --spectral-norm lack the key
+    if wrong := [f"{k} {config.get(k)} in the file vs {v} here" for k, v in model.config.items() if config.get(k) != v]:
+        raise ValueError(f"{file} does not fit this run ({'; '.join(wrong)}); pass the flags it was trained with")
+    model.load_state_dict(saved["state_dict"])
     if saved["env_id"] != env_id:
         print(f"note: {file} was trained on {saved['env_id']}, this run is {env_id}")
-    model.load_state_dict(saved["state_dict"])
     return saved["stats"]
 
 
 def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
-    """--resume: the checkpoint, and the settings the run started with (a resumed run keeps them; others are named
-    and ignored)."""
     if args.resume is None:
         return args, None
     path = Path(args.resume) / "checkpoint.pt" if Path(args.resume).is_dir() else Path(args.resume)
+    fix = "--resume takes a run folder or its checkpoint.pt; start afresh without it"
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there; pass a run folder or its checkpoint.pt")
-    ckpt = {"phase": "policy", **torch.load(path, map_location="cpu", weights_only=False), "run_dir": path.parent}
-    saved, defaults = Args(**ckpt["args"]), Args()
-    ignored = [k for k, v in asdict(args).items()
-               if k != "resume" and v != getattr(defaults, k) and v != getattr(saved, k)]
-    if ignored:
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix)
+    try:
+        saved = Args(**ckpt["args"])
+    except TypeError as e:
+        raise ValueError(f"{path} is from another version of mopo.py ({e}); {fix}") from None
+    if ignored := [k for k, v in asdict(args).items() if k != "resume" and v not in (getattr(Args(), k),
+                                                                                   getattr(saved, k))]:
         print(f"--resume: ignoring {ignored}; a resumed run keeps the settings it started with")
-    return Args(**{**ckpt["args"], "resume": args.resume}), ckpt
+    return replace(saved, resume=args.resume), ckpt | {"run_dir": path.parent}
 
 
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    atomic_save(run_dir / "checkpoint.pt", state | {"rng": {
+        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}})
 
 
-def set_rng_state(rng: dict, device: torch.device) -> None:
+def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    if device.type == "cuda" and rng["cuda"]:
+    if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_dynamics_training(run_dir: Path, args: Args, fingerprint: list, dynamics: EnsembleDynamics,
-                           device: torch.device, training: dict, stop: bool) -> None:
-    """During model learning, checkpoint.pt holds the ensemble, the whole state of `train_dynamics` and every RNG;
-    on a SIGTERM (stop) the run ends there."""
-    atomic_save(run_dir / "checkpoint.pt", {"phase": "dynamics", "args": asdict(args), "data_fingerprint": fingerprint,
-                                            "dynamics": dynamics.state_dict(), "training": training,
-                                            "rng": rng_state(device)})
-    if stop:
-        preempted(run_dir, f"dynamics epoch {training['epoch'] + 1}")
-
-
-def save_policy_training(run_dir: Path, args: Args, fingerprint: list, modules: dict, log_alpha,
-                         model_buffer: ReplayBuffer, device: torch.device, results: dict, step: int) -> None:
-    """During policy learning, checkpoint.pt holds weights, optimizer states, α, the model buffer, every RNG, the
-    update counter and the evaluation history: enough to continue bit for bit (CPU)."""
-    atomic_save(run_dir / "checkpoint.pt", {
-        "phase": "policy", "step": step, "args": asdict(args), "results": results, "data_fingerprint": fingerprint,
-        **{k: v.state_dict() for k, v in modules.items()}, "log_alpha": log_alpha.detach(),
-        "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
-        "rng": rng_state(device)})
-
-
-def restore(ckpt: dict, modules: dict, log_alpha, model_buffer: ReplayBuffer, device: torch.device) -> None:
-    """The inverse of `save_policy_training`, in place (before any CUDA graph is captured over these tensors)."""
-    for k, v in modules.items():
-        v.load_state_dict(ckpt[k])
-    with torch.no_grad():
-        log_alpha.copy_(ckpt["log_alpha"])
-    rows, model_buffer.ptr, model_buffer.size = ckpt["model_buffer"]
-    model_buffer.data[: len(rows)] = rows.to(device)
-    model_buffer.count.fill_(model_buffer.size)
-    set_rng_state(ckpt["rng"], device)
+def restore(ckpt: dict, sac: SAC, opts: dict, model_buffer: ReplayBuffer) -> int:
+    sac.load_state_dict(ckpt["sac"])
+    for k, o in opts.items():
+        o.load_state_dict(ckpt["optimizers"][k])
+    model_buffer.load_state_dict(ckpt["model_buffer"])
+    restore_rng(ckpt["rng"])
     print(f"resumed {ckpt['run_dir']} at update {ckpt['step']}")
+    return ckpt["step"]
 
 
-def preempted(run_dir: Path, where: str):
-    print(f"SIGTERM: checkpoint at {where} in {run_dir / 'checkpoint.pt'}; continue with --resume {run_dir}")
+def on_signals(handler) -> dict:
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def stop(run_dir: Optional[Path], signum: int, where: str = "the last finished model epoch") -> None:
+    ckpt = run_dir and run_dir / "checkpoint.pt"
+    print(f"{signal.Signals(signum).name}: " + (f"checkpoint at {where} in {ckpt}; continue with --resume {run_dir}"
+                                                 if ckpt and ckpt.is_file() else "stopped before any checkpoint"))
     raise SystemExit(143)
 
 
 def rollout_length_and_lam(args: Args, task: Task) -> tuple[int, float]:
-    """h and λ: the flags, else the task's published setting (D15); both printed with where they came from."""
-    default_h, default_lam = TASK_DEFAULTS.get(task.dataset, {}).get(task.family, OTHER_TASK_DEFAULT)
-    h = args.rollout_length if args.rollout_length is not None else default_h
-    lam = args.lam if args.lam is not None else default_lam
-    print(f"{args.env_id}: h = {h} ({'--rollout-length' if args.rollout_length is not None else 'task default'}), "
-          f"λ = {lam} ({'--lam' if args.lam is not None else 'task default'}), penalty = {args.penalty}")
+    """D15: the flags, else the task's published setting."""
+    h, lam = TASK_DEFAULTS.get(task.dataset, {}).get(task.family, OTHER_TASK_DEFAULT)
+    h, lam = args.rollout_length or h, lam if args.lam is None else args.lam  # rollout_length is None or >= 1
+    print(f"{args.env_id}: h = {h} ({'task default' if args.rollout_length is None else '--rollout-length'}), "
+          f"λ = {lam} ({'task default' if args.lam is None else '--lam'}), penalty = {args.penalty}")
     return h, lam
 
 
 def load_real_data(task: Task, args: Args, env: gym.Env, device: torch.device, ckpt: Optional[dict]):
-    """The dataset as the real replay buffer on the training device (its one copy), and its fingerprint
-    [rows, reward sum], which a resumed run must match."""
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     data = get_dataset(task, args.dataset_path, obs_dim, act_dim)
-    fingerprint = [len(data["rewards"]), float(data["rewards"].sum(dtype=np.float64))]
+    fingerprint = [len(data["rewards"]), float(data["rewards"].sum(dtype=np.float64))]  # a resume must match it
     if ckpt is not None and ckpt["data_fingerprint"] != fingerprint:
-        raise ValueError(f"the dataset changed since the checkpoint ({ckpt['data_fingerprint']} vs {fingerprint} as "
-                         f"[rows, reward sum]); resume needs the same data")
+        raise ValueError(f"the dataset changed since the checkpoint ([rows, reward sum] {ckpt['data_fingerprint']} "
+                         f"vs {fingerprint}); resume needs the same data")
     real = ReplayBuffer(fingerprint[0], obs_dim, act_dim, device)
-    real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in
-                       ("observations", "actions", "rewards", "next_observations", "terminals"))))
+    real.add(to_rows(*(torch.as_tensor(data[k], device=device) for k in DATA_KEYS)))
     print(f"dataset: {real.size} transitions, obs_dim {obs_dim}, act_dim {act_dim}, device {device}")
     return real, fingerprint
 
 
-def make_sac(env: gym.Env, args: Args, device: torch.device, capturable: bool):
-    """Actor, twin critics, their frozen targets, log α, and an Adam for each (D13)."""
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high).to(device)
-    qf, qf_target = TwinQ(obs_dim, act_dim).to(device), TwinQ(obs_dim, act_dim).to(device)
-    qf_target.load_state_dict(qf.state_dict())
-    qf_target.requires_grad_(False)
-    log_alpha = torch.full((), math.log(args.alpha), device=device, requires_grad=True)
-    q_opt = adam(qf.parameters(), args.q_lr, device, capturable)
-    actor_opt = adam(actor.parameters(), args.policy_lr, device, capturable)
-    return actor, qf, qf_target, log_alpha, q_opt, actor_opt, adam([log_alpha], args.alpha_lr, device, capturable)
-
-
 def make_writer(args: Args, run_dir: Path, purge_step: Optional[int]) -> SummaryWriter:
-    """TensorBoard in the run folder (x-axis: gradient updates), mirrored to wandb with --track."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, name=run_dir.name,
-                   config=vars(args), id=run_dir.name.replace("/", "-"), resume="allow", save_code=True)
+                   config=vars(args), id=run_dir.name, resume="allow", save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
+def model_data(real: ReplayBuffer) -> tuple:
+    obs, act, rew, next_obs, _ = real.split(real.data[: real.size])
+    return obs, act, torch.cat([rew[:, None], next_obs - obs], dim=1)
+
+
 def main(args: Args) -> dict:
-    sigterm = []  # a scheduler's SIGTERM (preemption, time limit) or Ctrl-C, from the start: checkpoint, exit 143
-    previous = {s: signal.signal(s, lambda signum, _: sigterm.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = on_signals(lambda signum, _: stop(None, signum))  # while the data loads, a signal stops the run at once
     try:
         args, ckpt = read_checkpoint(args)
         check_args(args)
@@ -1202,102 +1023,104 @@ def main(args: Args) -> dict:
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         torch.backends.cudnn.deterministic = args.torch_deterministic
-        device = pick_device(args)
+        device = pick_device(args.device)
         graph = args.cuda_graph and device.type == "cuda"
         env = make_env(task)
         real, fingerprint = load_real_data(task, args, env, device, ckpt)
-        dynamics = EnsembleDynamics(*real.fields[:2], args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
+        obs_dim, act_dim = real.fields[:2]
+        dynamics = EnsembleDynamics(obs_dim, act_dim, args.num_ensemble, args.num_elites, args.dynamics_hidden_dim,
                                     args.spectral_norm).to(device)
         if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
             dyn_stats = load_dynamics(args.dynamics_path, dynamics, args.env_id)
-        run_dir = ckpt["run_dir"] if ckpt is not None else Path("runs") / (f"{args.env_id}__{args.exp_name}__"
-                                                                            f"{args.seed}__{int(time.time())}")
+        run_dir = ckpt["run_dir"] if ckpt else Path("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir.mkdir(parents=True, exist_ok=ckpt is not None)  # never write into another run's folder
         resumed = ckpt is not None and ckpt["phase"] == "policy"
-        start_step = ckpt["step"] if resumed else 0
-        # a resumed run's TensorBoard drops what was logged after its checkpoint (dynamics: per model epoch)
-        writer = make_writer(args, run_dir, start_step if resumed else ckpt and ckpt["training"]["epoch"] + 1)
+        # a resumed run's TensorBoard drops what was logged after its checkpoint (model learning: per epoch)
+        writer = make_writer(args, run_dir, ckpt["step"] if resumed else ckpt and ckpt["training"]["epoch"] + 1)
+        header = {"args": asdict(args), "data_fingerprint": fingerprint}
 
-        # Model learning (Alg. 2, line 1): independent of λ, h and SAC, so it can be trained once and reused
+        # Model learning (Alg. 2, line 1): independent of λ, h and SAC, so it can be trained once and reused.
+        on_signals(lambda signum, _: stop(run_dir, signum))  # a signal stops it at once; it resumes from an epoch end
         if resumed:
-            dyn_stats = ckpt["results"]["dynamics"]  # its weights come back with the rest of the run in `restore`
-        else:
-            if ckpt is not None:  # a run stopped during model training
+            dyn_stats = ckpt["results"]["dynamics"]
+            dynamics.load_state_dict(ckpt["dynamics"])
+        elif args.dynamics_path is None:
+            if ckpt is not None:  # stopped during model learning
                 dynamics.load_state_dict(ckpt["dynamics"])
-                set_rng_state(ckpt["rng"], device)
-            if args.dynamics_path is None:
-                save = partial(save_dynamics_training, run_dir, args, fingerprint, dynamics, device)
-                dyn_stats = train_dynamics(dynamics, *make_model_data(real), args, writer, ckpt and ckpt["training"],
-                                           save, sigterm)
-            atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
-                                                  "env_id": args.env_id, "stats": dyn_stats})
+                restore_rng(ckpt["rng"])
+            on_epoch = lambda training: save_checkpoint(run_dir, header | {  # noqa: E731
+                "phase": "dynamics", "dynamics": dynamics.state_dict(), "training": training})
+            dyn_stats = train_dynamics(dynamics, model_data(real), args, writer, ckpt and ckpt["training"], on_epoch)
+        atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
+                                              "env_id": args.env_id, "stats": dyn_stats})
+
+
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
               f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
         dynamics.eval()  # only predictions from here on: rollouts and the gauge keep D16's exact σ
 
         # Policy optimization on the penalized MDP (Alg. 2, lines 2-9)
-        actor, qf, qf_target, log_alpha, q_opt, actor_opt, alpha_opt = sac = make_sac(env, args, device, graph)
-        modules = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": q_opt,
-                   "actor_opt": actor_opt, "alpha_opt": alpha_opt}
+        sac = SAC(obs_dim, act_dim, env.action_space, args.alpha).to(device)
+        opts = sac_optimizers(sac, args, device, capturable=graph)
         model_rows = args.model_retain_epochs * args.rollout_batch_size * h if args.real_ratio < 1 else 1  # D9, D10
-        model_buffer = ReplayBuffer(model_rows, *real.fields[:2], device)
-        termination_fn = TERMINATION_FNS[task.family]
+        model_buffer = ReplayBuffer(model_rows, obs_dim, act_dim, device)
+        step_fn = partial(model_step, dynamics, penalty_kind=args.penalty, termination_fn=TERMINATION_FNS[task.family])
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
             "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
             "args": asdict(replace(args, resume=None))}  # the settings, not the --resume that continued them
-        save = partial(save_policy_training, run_dir, args, fingerprint, modules, log_alpha, model_buffer, device,
-                       results)
-        if resumed:
-            restore(ckpt, modules, log_alpha, model_buffer, device)
-        else:
-            save(step=0)
-        evaluator = Evaluator(task, args, actor, dynamics, lam, graph, writer, results, run_dir)  # D14, D17, D18
+        header |= {"phase": "policy", "dynamics": dynamics.state_dict(), "results": results}
+        save = lambda step: save_checkpoint(run_dir, header | {  # noqa: E731 - enough to continue bit for bit (CPU)
+            "step": step, "sac": sac.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
+            "model_buffer": model_buffer.state_dict()})
+        start_step = restore(ckpt, sac, opts, model_buffer) if resumed else 0
+        save(start_step)
+        signals = []  # from here a signal checkpoints at the update it lands on, then stops the run
+        on_signals(lambda signum, _: signals.append(signum))
+        envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
+        cpu_actor = copy.deepcopy(sac.actor).cpu()  # D14: the episodes step the envs without a GPU round trip
+        gauge = partial(model_returns, sac.actor, step_fn, horizon=env.spec.max_episode_steps or 1000, lam=lam,
+                        graph=graph) if args.gauge else None  # D17: as long as the env's episodes
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
-            batch = real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio))
-            return sac_update(batch, *sac, args)
-        if graph:  # the same update, recorded once and replayed (H200: 0.60 ms vs 6.33 ms eager, benchmarks/speed.py)
+            return sac_update(sac, opts, real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio)),
+                              args)
+        if graph:  # the same update, recorded once and replayed
             update = cuda_graph(update)
         total_updates, start_time = args.epochs * args.steps_per_epoch, time.time()
-        bar = tqdm(total=total_updates, initial=start_step, desc="MOPO", unit="upd", disable=None)  # a terminal only
-        for step in range(start_step, total_updates):
-            global_step = step + 1
-            if step % args.rollout_freq == 0 and args.real_ratio < 1.0:  # D10: no model data needed at real_ratio 1
-                start_obs = real.split(real.sample(args.rollout_batch_size))[0]
-                rows, stats = rollout(actor, dynamics, start_obs, h, lam, args.penalty, termination_fn)
+        progress = Progress("MOPO", total_updates, "update", start_step)
+        for global_step in range(start_step + 1, total_updates + 1):
+            if (global_step - 1) % args.rollout_freq == 0 and args.real_ratio < 1:  # Alg. 2, lines 3-7 (D8)
+                start_obs = real.split(real.sample(args.rollout_batch_size))[0]  # dataset states s
+                rows, stats = rollout(sac.actor, step_fn, start_obs, h, lam)
                 model_buffer.add(rows)
                 log_scalars(writer, {f"rollout/{k}": v.item() for k, v in stats.items()} | {
                     "rollout/transitions": len(rows), "rollout/model_buffer_size": model_buffer.size},
-                    global_step, run_dir / "checkpoint.pt")
+                    global_step, checkpoint=run_dir / "checkpoint.pt")
             info = update()
             epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
-            checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(sigterm)
+            checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(signals)
             if global_step % args.log_freq == 0 or checkpoint_now:  # the only host syncs of the update loop
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 log_scalars(writer, {k: float(v) for k, v in info.items()} | {"charts/SPS": sps}, global_step,
-                            run_dir / "checkpoint.pt")
-                bar.update(global_step - bar.n)
+                            checkpoint=run_dir / "checkpoint.pt")
+                progress.update(global_step - progress.n)
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-                evaluator.record()  # the last one, done meanwhile (D18)
-                evaluator.start(epoch, global_step)
+                cpu_actor.load_state_dict(sac.actor.state_dict())
+                episodes = evaluate(cpu_actor, envs, args.seed + global_step, gauge)
+                record(writer, results, run_dir, summarize(task, episodes), epoch, global_step)
             if checkpoint_now:
-                evaluator.record()
-                save(step=global_step)
-            if sigterm:
+                save(global_step)
+            if signals:
                 writer.close()
-                preempted(run_dir, f"update {global_step}")
-        bar.update(total_updates - bar.n)
-        bar.close()
-        evaluator.record()
-
+                stop(run_dir, signals[0], f"update {global_step}")
+        progress.close()
         if args.save_model:
-            atomic_save(run_dir / "model.pt", {k: v.state_dict() for k, v in modules.items() if "opt" not in k}
-                        | {"log_alpha": log_alpha.detach()})
-        save(step=total_updates)
+            atomic_save(run_dir / "model.pt", sac.state_dict())
+        save(total_updates)
         atomic_save(run_dir / "results.json", results)
         print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
-        for resource in (evaluator, env, writer):
+        for resource in (envs, env, writer):
             resource.close()
         if args.track:  # the wandb run that make_writer started
             sys.modules["wandb"].finish()

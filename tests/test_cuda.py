@@ -1,11 +1,13 @@
-"""CUDA (issue 11): the SAC update and the dynamics step replayed as CUDA graphs do the eager math; a captured sampler
-reaches rows added after the capture; mopo.main trains, stops on SIGTERM and resumes on a GPU, with and without
-graphs; spectral normalization holds there too. Every test is skipped without a GPU."""
+"""CUDA: the SAC update, the dynamics step and the gauge's step replayed as CUDA graphs do the eager math; a captured
+sampler reaches rows added after the capture; mopo.main trains, stops on SIGTERM and resumes on a GPU, with and
+without graphs; spectral normalization holds there too. Every test is skipped without a GPU."""
+import copy
 import json
 import math
 import os
 import signal
 import types
+from functools import partial
 
 import gymnasium as gym
 import numpy as np
@@ -19,14 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 CUDA = torch.device("cuda")
 OBS, ACT = 3, 1
 WIDTH = 2 * OBS + ACT + 2
-SPACES = types.SimpleNamespace(observation_space=gym.spaces.Box(-np.inf, np.inf, (OBS,), np.float32),
-                               action_space=gym.spaces.Box(-1.0, 1.0, (ACT,), np.float32))
-
-
-def one_row(seed):
-    g = torch.Generator().manual_seed(seed)
-    obs, next_obs, act = torch.randn(1, OBS, generator=g), torch.randn(1, OBS, generator=g), torch.rand(1, ACT) * 2 - 1
-    return mopo.to_rows(obs, act, torch.randn(1, generator=g), next_obs, torch.zeros(1)).to(CUDA)
+ACTIONS = gym.spaces.Box(-1.0, 1.0, (ACT,), np.float32)
 
 
 # --- a. the SAC update: graph replay = eager ---
@@ -36,13 +31,13 @@ def random_rows(n, generator):
     return mopo.to_rows(obs, act, rew, next_obs, torch.rand(n, generator=generator) < 0.2).to(CUDA)
 
 
-def sac_updates(sac, real, model, args, graph, n=10):
-    """n SAC updates as main runs them, from seed 1: batch indices and actor noise drawn from the global generator."""
+def sac_updates(sac, opts, real, model, args, graph, n=10, seed=1):
+    """n SAC updates as main runs them, from `seed`: batch indices and actor noise from the global generator."""
     def update():
-        return mopo.sac_update(real.split(mopo.sample_mixed(real, model, args.batch_size, args.real_ratio)), *sac,
+        return mopo.sac_update(sac, opts, real.split(mopo.sample_mixed(real, model, args.batch_size, args.real_ratio)),
                                args)
     step = mopo.cuda_graph(update) if graph else update
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     return [{k: float(v) for k, v in step().items()} for _ in range(n)]  # read before the next replay
 
 
@@ -56,25 +51,24 @@ def test_sac_update_replayed_as_a_graph_equals_eager_updates():
     real.add(random_rows(500, g))
     model.add(random_rows(1500, g))  # not full: the sampler must read the fill level
     setups = []
-    for capturable in (False, True):
+    for capturable in (False, True, False):
         torch.manual_seed(0)
-        setups.append(mopo.make_sac(SPACES, args, CUDA, capturable))
-    eager, graphed = setups
-    assert all(g["capturable"] for opt in graphed[4:] for g in opt.param_groups)
-    start = [p.detach().clone() for p in graphed[0].parameters()]
-    want, got = sac_updates(eager, real, model, args, graph=False), sac_updates(graphed, real, model, args, graph=True)
+        sac = mopo.SAC(OBS, ACT, ACTIONS, args.alpha).to(CUDA)
+        setups.append((sac, mopo.sac_optimizers(sac, args, CUDA, capturable)))
+    (eager, eager_opts), (graphed, graphed_opts), (third, third_opts) = setups
+    assert all(g["capturable"] for opt in graphed_opts.values() for g in opt.param_groups)
+    start = [p.detach().clone() for p in graphed.actor.parameters()]
+    want = sac_updates(eager, eager_opts, real, model, args, graph=False)
+    got = sac_updates(graphed, graphed_opts, real, model, args, graph=True)
     for step, (w, o) in enumerate(zip(want, got)):
         assert o.keys() == w.keys()
         for k in w:
             assert o[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (step, k, o[k], w[k])
-    for a, b, name in zip(eager[:3], graphed[:3], ("actor", "qf", "qf_target")):
-        for (pname, p), q in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=f"{name}.{pname}")
-    torch.testing.assert_close(graphed[3], eager[3], atol=1e-6, rtol=1e-5)  # log α
-    assert any(not torch.equal(p, p0) for p, p0 in zip(graphed[0].parameters(), start))  # it trained
-    torch.manual_seed(2)
-    other = sac_updates(setups[0], real, model, args, graph=False, n=1)[0]
-    assert other["losses/q_loss"] != want[0]["losses/q_loss"]  # the draws matter: equal losses were no accident
+    for (name, p), q in zip(eager.state_dict().items(), graphed.state_dict().values()):  # weights, targets, log α
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(graphed.actor.parameters(), start))  # it trained
+    other = sac_updates(third, third_opts, real, model, args, graph=False, n=1, seed=2)[0]
+    assert other["losses/q_loss"] != want[0]["losses/q_loss"]  # the same start, other draws: equal was no accident
 
 
 # --- b. a captured sampler and a growing buffer ---
@@ -107,7 +101,8 @@ def test_captured_sampler_reaches_rows_added_after_the_capture():
 def cuda_args(dataset, **overrides):
     return mopo.Args(**{**dict(env_id="hopper-medium-v2", dataset_path=str(dataset), lam=1.0, epochs=2,
                                steps_per_epoch=60, rollout_freq=30, rollout_batch_size=200, eval_episodes=2,
-                               dynamics_max_epochs=2, batch_size=64, log_freq=10, checkpoint_freq=1, device="cuda"),
+                               dynamics_max_epochs=2, batch_size=64, log_freq=10, checkpoint_freq=1, eval_freq=1,
+                               device="cuda"),
                         **overrides})
 
 
@@ -129,12 +124,11 @@ def scalars(run_dir, tag):
 
 def test_main_on_cuda_with_graphs_trains_the_policy(hopper_file, tmp_path, monkeypatch):
     made, graphs = {}, []
-    make_sac, cuda_graph = mopo.make_sac, mopo.cuda_graph
+    sac_optimizers, cuda_graph = mopo.sac_optimizers, mopo.cuda_graph
 
-    def make_sac_spy(env, args, device, capturable):
-        sac = make_sac(env, args, device, capturable)
-        made.update(capturable=capturable, actor=sac[0], start=[p.detach().clone() for p in sac[0].parameters()])
-        return sac
+    def sac_optimizers_spy(sac, args, device, capturable):
+        made.update(capturable=capturable, actor=sac.actor, start=[p.detach().clone() for p in sac.actor.parameters()])
+        return sac_optimizers(sac, args, device, capturable)
 
     def cuda_graph_spy(fn):
         call, record = cuda_graph(fn), {"calls": 0}
@@ -147,7 +141,7 @@ def test_main_on_cuda_with_graphs_trains_the_policy(hopper_file, tmp_path, monke
                 record["after_capture"] = [p.detach().clone() for p in made["actor"].parameters()]
             return out
         return counted
-    monkeypatch.setattr(mopo, "make_sac", make_sac_spy)
+    monkeypatch.setattr(mopo, "sac_optimizers", sac_optimizers_spy)
     monkeypatch.setattr(mopo, "cuda_graph", cuda_graph_spy)
     monkeypatch.chdir(tmp_path)
     results = mopo.main(cuda_args(hopper_file))
@@ -160,7 +154,7 @@ def test_main_on_cuda_with_graphs_trains_the_policy(hopper_file, tmp_path, monke
     assert len(graphs) == 4 and all(g["calls"] > 4 for g in graphs) and [g["calls"] for g in graphs[2:]] == [1000] * 2
     names = [name for name, _ in made["actor"].named_parameters()]
     final = [p.detach().cpu() for p in made["actor"].parameters()]
-    assert all(torch.equal(ckpt["actor"][name], p) for name, p in zip(names, final))  # the last checkpoint has it
+    assert all(torch.equal(ckpt["sac"][f"actor.{name}"], p) for name, p in zip(names, final))  # the last checkpoint
     # the replays train: the actor moved after the capture, not only in the 3 eager warm-ups
     assert any(not torch.equal(p, p5.cpu()) for p, p5 in zip(final, sac_graph[0]["after_capture"]))
     assert any(not torch.equal(p, p0.cpu()) for p, p0 in zip(final, made["start"]))
@@ -196,12 +190,12 @@ def test_main_on_cuda_without_graphs(hopper_file, tmp_path, monkeypatch):
     def no_graph(fn):
         raise AssertionError("--no-cuda-graph must not record a graph")
     monkeypatch.setattr(mopo, "cuda_graph", no_graph)
-    made, make_sac = {}, mopo.make_sac
+    made, sac_optimizers = {}, mopo.sac_optimizers
 
-    def make_sac_spy(env, args, device, capturable):
+    def sac_optimizers_spy(sac, args, device, capturable):
         made["capturable"] = capturable
-        return make_sac(env, args, device, capturable)
-    monkeypatch.setattr(mopo, "make_sac", make_sac_spy)
+        return sac_optimizers(sac, args, device, capturable)
+    monkeypatch.setattr(mopo, "sac_optimizers", sac_optimizers_spy)
     monkeypatch.chdir(tmp_path)
     results = mopo.main(cuda_args(hopper_file, cuda_graph=False))
     check_finished(results, next((tmp_path / "runs").iterdir()))
@@ -209,24 +203,40 @@ def test_main_on_cuda_without_graphs(hopper_file, tmp_path, monkeypatch):
 
 
 # --- c2. the gauge's model step: graph = eager ---
-def test_gauge_replayed_as_a_graph_equals_eager_and_restores_training_rng():
+def test_gauge_replayed_as_a_graph_equals_eager():
     """Seeded alike, the recorded step draws the random numbers the eager one draws (graph-safe RNG); episodes that
-    ended earn nothing however long the graph keeps stepping them; training's generator is as it was."""
+    ended earn nothing however long the graph keeps stepping them."""
     torch.manual_seed(0)
     model = mopo.EnsembleDynamics(OBS, ACT, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
     actor = mopo.Actor(OBS, ACT, -np.ones(ACT), np.ones(ACT)).to(CUDA)
     start = torch.randn(10, OBS, device=CUDA)
     done = lambda obs, act, next_obs: next_obs[:, 0].abs() > 3  # noqa: E731 - a random walk: some end early
-    before = torch.cuda.get_rng_state()
-    eager = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=7)
-    graphed = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=7, graph=True)
-    assert torch.equal(torch.cuda.get_rng_state(), before)
+    step = partial(mopo.model_step, model, penalty_kind="aleatoric", termination_fn=done)
+
+    def gauge(seed, graph):
+        with torch.random.fork_rng(devices=[CUDA]):
+            torch.manual_seed(seed)
+            return mopo.model_returns(actor, step, start, 300, 1.0, graph=graph)
+    eager, graphed = gauge(7, graph=False), gauge(7, graph=True)
     assert eager["model_length"].min() < eager["model_length"].max()  # episodes of different lengths
     for k in eager:
         assert graphed[k].is_cuda
         torch.testing.assert_close(graphed[k], eager[k], msg=k)
-    other = mopo.model_returns(actor, model, start, 300, 1.0, "aleatoric", done, seed=8, graph=True)
-    assert not torch.equal(other["model_return"], graphed["model_return"])  # the seed matters
+    assert not torch.equal(gauge(8, graph=True)["model_return"], graphed["model_return"])  # the seed matters
+
+
+def test_evaluation_with_the_gauge_on_cuda_leaves_training_rng_as_it_was():
+    torch.manual_seed(0)
+    task = mopo.make_task("hopper-medium-v2")
+    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * 2)
+    model = mopo.EnsembleDynamics(11, 3, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
+    actor = mopo.Actor(11, 3, envs.single_action_space.low, envs.single_action_space.high)
+    step = partial(mopo.model_step, model, penalty_kind="aleatoric", termination_fn=mopo.hopper_done)
+    gauge = partial(mopo.model_returns, copy.deepcopy(actor).to(CUDA), step, horizon=1000, lam=1.0, graph=True)
+    before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    out = mopo.evaluate(actor, envs, 3, gauge)
+    assert torch.equal(torch.cuda.get_rng_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+    assert out["model_return"].shape == (2,) and torch.isfinite(torch.as_tensor(out["model_return"])).all()
 
 
 # --- d. the dynamics step: graph = eager ---
@@ -237,7 +247,7 @@ def train_on_cuda(graph, epochs, spectral_norm=False):
                                   spectral_norm=spectral_norm).to(CUDA)
     args = types.SimpleNamespace(num_ensemble=4, num_elites=2, holdout_size=300, dynamics_lr=3e-3,
                                  dynamics_batch_size=64, dynamics_max_epochs=epochs, cuda_graph=graph)
-    return model, mopo.train_dynamics(model, obs, act, target, args), target.var(0).mean().item()
+    return model, mopo.train_dynamics(model, (obs, act, target), args), target.var(0).mean().item()
 
 
 def test_dynamics_training_as_a_graph_equals_eager(monkeypatch):
@@ -281,14 +291,14 @@ def test_model_training_resumes_on_cuda_from_a_cpu_loaded_checkpoint():
                                  dynamics_batch_size=64, dynamics_max_epochs=3, cuda_graph=True)
     saved = {}
 
-    def save(state, stop):
+    def save(state):
         saved.update(state=torch.load(io_roundtrip(state), map_location="cpu", weights_only=False))
     torch.manual_seed(0)
     model = mopo.EnsembleDynamics(3, 2, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
     args.dynamics_max_epochs = 2
-    mopo.train_dynamics(model, obs, act, target, args, save=save)  # saves after epoch 1
+    mopo.train_dynamics(model, (obs, act, target), args, on_epoch=save)  # saves after epoch 1
     args.dynamics_max_epochs = 3
-    stats = mopo.train_dynamics(model, obs, act, target, args, state=saved["state"])
+    stats = mopo.train_dynamics(model, (obs, act, target), args, state=saved["state"])
     assert stats["epochs"] == 3 and math.isfinite(stats["holdout_mse"])
 
 

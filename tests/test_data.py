@@ -43,18 +43,25 @@ def test_unknown_env_id_lists_valid_ids(env_id):
         mopo.make_task(env_id)
 
 
-def test_cache_dir_follows_d4rl(monkeypatch, tmp_path):
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    assert mopo.d4rl_cache_dir() == tmp_path
+def test_cache_is_d4rls_own(hopper_file, tmp_path, monkeypatch):
+    """$D4RL_DATASET_DIR, else ~/.d4rl/datasets: a file the d4rl package fetched is used, never fetched again."""
+    monkeypatch.setattr(mopo, "download", None)  # no download may be attempted
+    task = mopo.make_task("hopper-medium-v2")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / task.file_name).write_bytes(hopper_file.read_bytes())
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    assert len(mopo.get_dataset(task, None, 11, 3)["rewards"]) == 2000
     monkeypatch.delenv("D4RL_DATASET_DIR")
-    assert str(mopo.d4rl_cache_dir()).endswith(".d4rl/datasets")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".d4rl" / "datasets").mkdir(parents=True)
+    (tmp_path / "cache" / task.file_name).rename(tmp_path / ".d4rl" / "datasets" / task.file_name)
+    assert len(mopo.get_dataset(task, None, 11, 3)["rewards"]) == 2000
 
 
 def test_download_from_file_url(hopper_file, tmp_path):
-    dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
-    mopo.download(hopper_file.as_uri(), dest)
-    assert dest.read_bytes() == hopper_file.read_bytes()
-    assert not dest.with_name(dest.name + ".part").exists()
+    part = tmp_path / "cache" / "hopper_medium-v2.hdf5.part"
+    mopo.download(hopper_file.as_uri(), part)
+    assert part.read_bytes() == hopper_file.read_bytes()
 
 
 @pytest.fixture
@@ -83,10 +90,11 @@ def test_get_dataset_downloads_into_the_d4rl_cache_then_reuses_it(hopper_file, t
 
 def test_network_error_names_url_and_cache_path(tmp_path, http_server):
     _, url = http_server
-    dest = tmp_path / "walker2d_medium-v2.hdf5"
-    with pytest.raises(ConnectionError, match=f"could not download .*missing.hdf5 to {dest}.*by hand"):
-        mopo.download(url.format(file="missing.hdf5"), dest)
-    assert not dest.exists()
+    part = tmp_path / "walker2d_medium-v2.hdf5.part"
+    with pytest.raises(ConnectionError, match=f"could not download .*missing.hdf5 .*place the file at "
+                                              f"{part.with_suffix('')} by hand, or pass --dataset-path"):
+        mopo.download(url.format(file="missing.hdf5"), part)
+    assert not part.exists()
 
 
 def test_wrong_obs_dim_is_a_clear_error(hopper_file):

@@ -1,45 +1,49 @@
-"""Safe downloads against a loopback HTTP server that can drop the connection half way."""
+"""Downloads (one attempt into a .part file, checked, then renamed) against a loopback HTTP server that can drop the
+connection half way, and a Ctrl-C or SIGTERM while the data downloads."""
 import http.server
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import h5py
 import pytest
 
 import mopo
 
+ROOT = Path(__file__).resolve().parents[1]
 
-class FlakyServer:
-    """Serves one payload; the first `drops` responses stop half way; Range is honoured unless told not to."""
 
-    def __init__(self, payload, drops=0, honour_range=True):
-        self.payload, self.drops, self.honour_range, self.ranges = payload, drops, honour_range, []
+class Server:
+    """Serves one payload; with `drop` each response stops half way; with `signal_pid` it sends that process a signal
+    once half the payload is out, then waits for the client to hang up."""
+
+    def __init__(self, payload, drop=False, signal_pid=None):
+        self.payload, self.drop, self.signal_pid, self.requests = payload, drop, signal_pid, 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                start, header = 0, self.headers.get("Range")
-                server.ranges.append(header)
-                if header and server.honour_range:
-                    start = int(header.split("=")[1].split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                else:
-                    self.send_response(200)
-                body = server.payload[start:]
-                self.send_header("Content-Length", str(len(body)))
+                server.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.payload)))
                 self.end_headers()
-                if server.drops > 0:
-                    server.drops -= 1
-                    body = body[: len(body) // 2]
-                    self.close_connection = True
-                self.wfile.write(body)
+                half = len(server.payload) // 2
+                self.wfile.write(server.payload[:half] if server.drop or server.signal_pid else server.payload)
+                self.wfile.flush()
+                if server.signal_pid:
+                    os.kill(server.signal_pid[0], server.signal_pid[1])
+                    self.rfile.read()  # until the client closes the connection
+                self.close_connection = True
 
             def log_message(self, *args):
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hopper_medium-v2.hdf5"
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{{file}}"
 
     def close(self):
         self.httpd.shutdown()
@@ -51,76 +55,94 @@ def serve():
     servers = []
 
     def make(payload, **kwargs):
-        servers.append(FlakyServer(payload, **kwargs))
+        servers.append(Server(payload, **kwargs))
         return servers[-1]
     yield make
     for s in servers:
         s.close()
 
 
-def test_dropped_connection_resumes_with_range(hopper_file, tmp_path, serve):
-    payload = hopper_file.read_bytes()
-    server = serve(payload, drops=1)
-    dest = tmp_path / "hopper_medium-v2.hdf5"
-    mopo.download(server.url, dest)
-    assert dest.read_bytes() == payload
-    assert server.ranges == [None, f"bytes={len(payload) // 2}-"]  # the second request asked only for the rest
-    assert not dest.with_name(dest.name + ".part").exists()
+def test_download_goes_to_the_cache_under_its_name_only_when_complete(hopper_file, tmp_path, monkeypatch, serve):
+    server = serve(hopper_file.read_bytes())
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(mopo, "D4RL_URL", server.url)
+    data = mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
+    assert len(data["rewards"]) == 2000 and server.requests == 1
+    assert (tmp_path / "hopper_medium-v2.hdf5").read_bytes() == hopper_file.read_bytes()
+    assert not (tmp_path / "hopper_medium-v2.hdf5.part").exists()
 
 
-def test_partial_download_is_kept_and_resumed_by_the_next_run(hopper_file, tmp_path, serve):
-    payload = hopper_file.read_bytes()
-    server = serve(payload, drops=10)
-    dest = tmp_path / "hopper_medium-v2.hdf5"
-    part = dest.with_name(dest.name + ".part")
-    with pytest.raises(ConnectionError, match=f"could not download {server.url} to {dest}.*place it at {dest}"):
-        mopo.download(server.url, dest, attempts=2)
-    assert not dest.exists() and 0 < part.stat().st_size < len(payload)  # never a half file under the real name
-    kept = part.stat().st_size
-    server.drops = 0
-    mopo.download(server.url, dest)
-    assert dest.read_bytes() == payload
-    assert server.ranges[-1] == f"bytes={kept}-"  # continued from the bytes already on disk
+def test_dropped_connection_is_an_error_naming_url_cache_path_and_fix(hopper_file, tmp_path, monkeypatch, serve):
+    server = serve(hopper_file.read_bytes(), drop=True)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(mopo, "D4RL_URL", server.url)
+    with pytest.raises(ConnectionError, match=f"could not download {server.url.format(file='hopper_medium-v2.hdf5')} "
+                                              f".*place the file at {tmp_path / 'hopper_medium-v2.hdf5'} by hand"):
+        mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
+    assert list(tmp_path.iterdir()) == [] and server.requests == 1  # one attempt; nothing half-written is kept
 
 
-def test_server_without_range_support_restarts_cleanly(hopper_file, tmp_path, serve):
-    payload = hopper_file.read_bytes()
-    server = serve(payload, drops=1, honour_range=False)
-    dest = tmp_path / "hopper_medium-v2.hdf5"
-    mopo.download(server.url, dest)
-    assert dest.read_bytes() == payload  # the 200 reply to the Range request overwrote the partial file
-
-
-def test_corrupt_download_is_deleted_and_reported(tmp_path, serve):
+def test_corrupt_download_is_deleted_and_reported(tmp_path, monkeypatch, serve):
     server = serve(b"<html>502 Bad Gateway</html>" * 100)
-    dest = tmp_path / "hopper_medium-v2.hdf5"
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(mopo, "D4RL_URL", server.url)
     with pytest.raises(ValueError, match="not a valid D4RL file .*deleted it"):
-        mopo.download(server.url, dest)
-    assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
+        mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_download_missing_keys_is_deleted(hopper_file, tmp_path, serve):
+def test_download_missing_keys_is_deleted(hopper_file, tmp_path, monkeypatch, serve):
     bad = tmp_path / "bad.hdf5"
     with h5py.File(hopper_file) as src, h5py.File(bad, "w") as dst:
         dst.create_dataset("observations", data=src["observations"][()])
     server = serve(bad.read_bytes())
-    dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(mopo, "D4RL_URL", server.url)
     with pytest.raises(ValueError, match="lacks key"):
-        mopo.download(server.url, dest)
-    assert not dest.exists()
+        mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_damaged_cache_file_is_reported_never_used(hopper_file, tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     cached = tmp_path / "hopper_medium-v2.hdf5"
     cached.write_bytes(hopper_file.read_bytes()[: hopper_file.stat().st_size // 2])  # truncated
-    with pytest.raises(ValueError, match=f"not a readable hdf5 file .*; the cached file is damaged: .*`rm {cached}`"):
+    with pytest.raises(ValueError, match=f"not a readable hdf5 file .*the cached file is damaged: rm {cached}"):
         mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
     assert cached.exists()  # the user's file is reported, not silently deleted
 
 
 def test_unreachable_host_names_url_and_cache(tmp_path):
     url = "http://127.0.0.1:9/hopper_medium-v2.hdf5"  # discard port: connection refused
-    dest = tmp_path / "hopper_medium-v2.hdf5"
-    with pytest.raises(ConnectionError, match=f"could not download {url} to {dest}"):
-        mopo.download(url, dest, attempts=1)
+    with pytest.raises(ConnectionError, match=f"could not download {url} "):
+        mopo.download(url, tmp_path / "hopper_medium-v2.hdf5.part")
+
+
+# mopo.py's command line with D4RL's URL pointed at a loopback server
+POINTED = """
+import sys
+sys.path.insert(0, {root!r})
+import mopo, tyro
+mopo.D4RL_URL = {url!r}
+try:
+    mopo.main(tyro.cli(mopo.Args))
+except (ValueError, OSError, ImportError, FloatingPointError) as e:
+    raise SystemExit(f"error: {{e}}")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_data_downloads_stops_the_run_then(sig, hopper_file, tmp_path, serve):
+    """The server signals the run once half the file is out and keeps the connection open: the run stops at once
+    (exit 143), leaves no part file and no run folder."""
+    target = []
+    server = serve(hopper_file.read_bytes(), signal_pid=target)
+    code = POINTED.format(root=str(ROOT), url=server.url)
+    proc = subprocess.Popen([sys.executable, "-c", code, "--env-id", "hopper-medium-v2", "--epochs", "1"], cwd=tmp_path,
+                            env={**os.environ, "D4RL_DATASET_DIR": str(tmp_path / "cache")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    target += [proc.pid, sig]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    assert f"{sig.name}: stopped before any checkpoint" in out and "Traceback" not in err
+    assert server.requests == 1 and list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "runs").exists()

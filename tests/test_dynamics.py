@@ -104,7 +104,7 @@ def test_ensemble_fits_a_known_system():
     model = mopo.EnsembleDynamics(3, 2, num_ensemble=7, num_elites=5, hidden_dim=64)
     args = types.SimpleNamespace(num_ensemble=7, num_elites=5, holdout_size=500, dynamics_lr=3e-3,
                                  dynamics_batch_size=256, dynamics_max_epochs=60)
-    stats = mopo.train_dynamics(model, obs, act, target, args)
+    stats = mopo.train_dynamics(model, (obs, act, target), args)
     assert stats["epochs"] <= 60
     variance = target.var(0).mean().item()
     assert stats["holdout_mse"] < 0.02 * variance, (stats, variance)
@@ -143,7 +143,7 @@ def test_early_stopping_restores_best_snapshot():
     args = types.SimpleNamespace(num_ensemble=3, num_elites=2, holdout_size=1000, dynamics_lr=3e-3,
                                  dynamics_batch_size=32, dynamics_max_epochs=300)
     writer = RecordingWriter()
-    stats = mopo.train_dynamics(model, obs, act, target, args, writer)
+    stats = mopo.train_dynamics(model, (obs, act, target), args, writer)
     history = writer.scalars["dynamics/holdout_mse"]  # mean over members, per epoch
     assert len(history) == stats["epochs"] < 300  # stopped by patience, not by the cap
     assert stats["holdout_mse"] < history[-1]  # the snapshots were restored
@@ -171,7 +171,7 @@ def test_each_member_trains_on_its_own_bootstrap_of_the_training_split(monkeypat
     model = mopo.EnsembleDynamics(3, 2, num_ensemble=4, num_elites=2, hidden_dim=8)
     args = types.SimpleNamespace(num_ensemble=4, num_elites=2, holdout_size=200, dynamics_lr=1e-3,
                                  dynamics_batch_size=64, dynamics_max_epochs=1)
-    mopo.train_dynamics(model, obs, act, target, args)
+    mopo.train_dynamics(model, (obs, act, target), args)
     index = index_of_rows(obs)
     held = {index[tuple(r.tolist())] for r in holdout["obs"]}
     assert len(held) == 200
@@ -194,7 +194,7 @@ def test_training_stops_by_the_patience_rule_and_keeps_each_members_best(monkeyp
     model = mopo.EnsembleDynamics(3, 2, num_ensemble=3, num_elites=2, hidden_dim=64)
     args = types.SimpleNamespace(num_ensemble=3, num_elites=2, holdout_size=1000, dynamics_lr=3e-3,
                                  dynamics_batch_size=32, dynamics_max_epochs=300)
-    stats = mopo.train_dynamics(model, obs, act, target, args)
+    stats = mopo.train_dynamics(model, (obs, act, target), args)
     history, final = per_epoch[:-1], per_epoch[-1]  # the last call: select_elites on the restored weights
     best, since, stop = torch.full((3,), 1e10), 0, None
     for epoch, mse in enumerate(history, 1):

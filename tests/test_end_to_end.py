@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mopo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--steps-per-epoch", "50", "--rollout-freq", "25", "--rollout-batch-size", "200",
-        "--eval-episodes", "2", "--dynamics-max-epochs", "3", "--log-freq", "10", "--batch-size", "64"]
+        "--eval-episodes", "2", "--eval-freq", "1", "--dynamics-max-epochs", "3", "--log-freq", "10",
+        "--batch-size", "64"]
 
 
 def check_results(results, run_dir):
@@ -36,7 +38,8 @@ def test_cli_runs_to_completion(hopper_file, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     check_results(results, run_dir)
     assert results["lam"] == 1.0 and results["rollout_length"] == 5 and results["args"]["lam"] == 1.0
-    assert (run_dir / "model.pt").is_file()
+    saved = torch.load(run_dir / "model.pt", weights_only=True)  # --save-model: SAC's state_dict
+    assert {k.split(".")[0] for k in saved} == {"actor", "qf", "qf_target", "log_alpha"}
 
 
 def test_main_in_process(hopper_file, tmp_path, monkeypatch):

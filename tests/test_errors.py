@@ -38,7 +38,7 @@ def nan_in(key, value=np.nan):
 DATA_ROWS = {  # name: (edit of the tiny hopper file, env id, error, message)
     "missing key": (drop("rewards"), "hopper-medium-v2", ValueError, r"lacks key\(s\) \['rewards'\]"),
     "mismatched lengths": (lambda d: d.update(actions=d["actions"][:-5]), "hopper-medium-v2", ValueError,
-                           "keys have different lengths"),
+                           r"actions has shape \(1995, 3\), expected \(2000, 3\) \(a row per transition"),
     "obs dim of another env": (None, "walker2d-medium-v2", ValueError,
                                r"observations has shape \(2000, 11\), expected \(2000, 17\)"),
     "action dim": (lambda d: d.update(actions=d["actions"][:, :2]), "hopper-medium-v2", ValueError,
@@ -65,7 +65,10 @@ FLAG_ROWS = [
     ({"rollout_length": 0}, ValueError, "--rollout-length must be >= 1, got 0"),
     ({"real_ratio": -0.1}, ValueError, r"--real-ratio must be in \[0, 1\], got -0.1"),
     ({"real_ratio": 1.5}, ValueError, r"--real-ratio must be in \[0, 1\], got 1.5"),
-    ({"num_elites": 8}, ValueError, r"--num-elites must be in \[1, --num-ensemble=7\], got 8"),
+    ({"num_elites": 8}, ValueError, r"--num-elites must be <= --num-ensemble, got 8 > 7"),
+    ({"num_elites": 0}, ValueError, "--num-elites must be >= 1, got 0"),
+    ({"tau": 0.0}, ValueError, r"--gamma must be in \[0, 1\] and --tau in \(0, 1\]"),
+    ({"alpha": 0.0}, ValueError, "--alpha must be > 0, got 0.0"),
     ({"batch_size": 0}, ValueError, "--batch-size must be >= 1, got 0"),
     ({"dynamics_batch_size": 0}, ValueError, "--dynamics-batch-size must be >= 1, got 0"),
     ({"rollout_batch_size": -3}, ValueError, "--rollout-batch-size must be >= 1, got -3"),
@@ -101,3 +104,56 @@ def test_cli_prints_one_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: --lam must be >= 0, got -1.0"
+
+
+# --- files mopo.py reads back: damaged or foreign, each ends the run with one line ---
+def damaged_files(tmp_path, good):
+    """name: a file standing where `good` (a real checkpoint.pt or dynamics.pt) should be."""
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a torch file" * 50)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "text.pt").write_text("step,return\n1,2\n")
+    return ("foreign.pt", "garbage.pt", "empty.pt", "truncated.pt", "text.pt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(hopper_file, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        mopo.main(mopo.Args(dataset_path=str(hopper_file), epochs=1, steps_per_epoch=10, rollout_freq=10,
+                            rollout_batch_size=50, eval_episodes=1, dynamics_max_epochs=1, dynamics_hidden_dim=16,
+                            batch_size=32, device="cpu"))
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("flag, good", [("resume", "checkpoint.pt"), ("dynamics_path", "dynamics.pt")])
+def test_damaged_or_foreign_files_are_one_clear_error(flag, good, finished_run, hopper_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in damaged_files(tmp_path, finished_run / good):
+        path = tmp_path / name
+        if flag == "resume":  # --resume takes a folder or its checkpoint.pt
+            (tmp_path / name.replace(".pt", "")).mkdir()
+            path = path.rename(tmp_path / name.replace(".pt", "") / "checkpoint.pt")
+        message = "lacks .*not what mopo.py writes there" if name == "foreign.pt" else "is damaged or not a torch file"
+        with pytest.raises(ValueError, match=f"{path} {message}.*; --{flag.replace('_', '-')} takes a run folder"):
+            mopo.main(mopo.Args(dataset_path=str(hopper_file), **{flag: str(path)}))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_checkpoint_of_another_kind_is_refused(finished_run, tmp_path):
+    """dynamics.pt given to --resume: a torch file, but not a checkpoint."""
+    (tmp_path / "checkpoint.pt").write_bytes((finished_run / "dynamics.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"lacks \['phase', 'args', 'data_fingerprint', 'rng'\]"):
+        mopo.main(mopo.Args(resume=str(tmp_path)))
+
+
+def test_cli_prints_one_line_for_a_damaged_checkpoint(finished_run, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes((finished_run / "checkpoint.pt").read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--resume", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'checkpoint.pt'} is damaged or not a torch file (")

@@ -39,7 +39,7 @@ def test_evaluation_takes_the_deterministic_action():
     runs = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        runs.append(mopo.evaluate(actor, envs, envs.reset(seed=7)[0]))
+        runs.append(mopo.evaluate(actor, envs, 7))
     np.testing.assert_array_equal(runs[0]["return"], runs[1]["return"])
     env = mopo.make_env(task)
     for i, (ret, length) in enumerate(zip(runs[0]["return"], runs[0]["length"])):

@@ -2,7 +2,6 @@
 evaluation; summed by hand on a stand-in model, and logged by a real run to results.json and TensorBoard."""
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn as nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mopo
+from test_penalty import stepper
 
 TINY_STD = 1e-6  # the elite's std: a sampled reward is its mean to ~1e-6
 
@@ -58,7 +58,8 @@ def start_states(markers=MARKERS):
 @pytest.mark.parametrize("penalty_kind, u", [("aleatoric", 7.0), ("ensemble-std", 5.0)])
 def test_model_returns_sum_rewards_and_penalties_up_to_and_including_the_terminal_step(penalty_kind, u):
     lam = 0.5
-    out = mopo.model_returns(ZeroPolicy(), StepCounter(), start_states(), 8, lam, penalty_kind, done_at_marker)
+    out = mopo.model_returns(ZeroPolicy(), stepper(StepCounter(), penalty_kind, done_at_marker), start_states(), 8,
+                             lam)
     assert set(out) == {"model_return", "penalized_model_return", "model_length"}
     lengths = torch.tensor([1.0, 3.0, 5.0, 8.0, 8.0])  # the terminal transition counts; horizon 8 caps the rest
     returns = lengths * (lengths + 1) / 2  # r = 1, 2, ..., L: nothing after the terminal step is added
@@ -68,7 +69,7 @@ def test_model_returns_sum_rewards_and_penalties_up_to_and_including_the_termina
 
 
 def test_horizon_caps_every_episode():
-    out = mopo.model_returns(ZeroPolicy(), StepCounter(), start_states(), 2, 1.0, "aleatoric", done_at_marker)
+    out = mopo.model_returns(ZeroPolicy(), stepper(StepCounter(), "aleatoric", done_at_marker), start_states(), 2, 1.0)
     torch.testing.assert_close(out["model_length"], torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0]), atol=0, rtol=0)
     torch.testing.assert_close(out["model_return"], torch.tensor([1.0, 3.0, 3.0, 3.0, 3.0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(out["penalized_model_return"], torch.tensor([-6.0, -11.0, -11.0, -11.0, -11.0]),
@@ -77,8 +78,8 @@ def test_horizon_caps_every_episode():
 
 def test_stepping_stops_once_every_episode_ended():
     model = StepCounter()
-    out = mopo.model_returns(ZeroPolicy(), model, start_states([1.0, 2.0, 2.0]), 1000, 0.0, "aleatoric",
-                             done_at_marker)
+    out = mopo.model_returns(ZeroPolicy(), stepper(model, "aleatoric", done_at_marker), start_states([1.0, 2.0, 2.0]),
+                             1000, 0.0)
     assert out["model_length"].tolist() == [1.0, 2.0, 2.0] and model.calls == 2  # not 1000 model steps
 
 
@@ -99,8 +100,8 @@ def test_each_step_samples_a_random_elite_with_its_noise():
     """As rollouts do (D7): per step one random elite, reward μ + σ·ε, not the mean."""
     torch.manual_seed(0)
     never = lambda obs, act, next_obs: torch.zeros(len(obs), dtype=torch.bool)  # noqa: E731
-    ret = mopo.model_returns(ZeroPolicy(), TwoElites(), torch.zeros(20_000, 1), 1, 0.0, "aleatoric", never)[
-        "model_return"]
+    ret = mopo.model_returns(ZeroPolicy(), stepper(TwoElites(), "aleatoric", never), torch.zeros(20_000, 1), 1,
+                             0.0)["model_return"]
     plus = ret > 0  # elite 0's draws: N(1, 0.5²) is positive with probability 0.977
     assert abs(plus.float().mean().item() - 0.5) < 0.03 and ret.max() < 5  # both elites, never member 1
     assert abs(ret.std().item() - math.sqrt(1 + 0.25)) < 0.03  # the mixture of N(±1, 0.5²): the noise is drawn
@@ -115,31 +116,32 @@ OLD_TOP_KEYS = {"env_id", "seed", "lam", "rollout_length", "run_name", "dynamics
 
 
 def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, monkeypatch):
-    calls = {}
+    calls = {"start": [], "gauge": []}
     evaluate, model_returns = mopo.evaluate, mopo.model_returns
 
-    def evaluate_spy(actor, envs, obs):
-        calls.setdefault("start", []).append(obs.copy())
-        return evaluate(actor, envs, obs)
+    def evaluate_spy(actor, envs, seed, gauge):
+        calls["start"].append((envs.reset(seed=seed)[0].copy(), seed, gauge.keywords))
+        return evaluate(actor, envs, seed, gauge)
 
-    def model_returns_spy(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed, graph):
-        calls.setdefault("gauge", []).append((start_obs, horizon, lam, penalty_kind, termination_fn, graph))
-        calls.setdefault("rng", []).append(seed)
-        return model_returns(actor, model, start_obs, horizon, lam, penalty_kind, termination_fn, seed, graph)
+    def model_returns_spy(actor, step_fn, start_obs, **kwargs):
+        calls["gauge"].append((start_obs.clone(), step_fn.keywords, torch.random.initial_seed()))
+        return model_returns(actor, step_fn, start_obs, **kwargs)
     monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
     monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
     monkeypatch.chdir(tmp_path)
     results = mopo.main(mopo.Args(
         env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=2.0, epochs=2, steps_per_epoch=10,
-        rollout_freq=10, rollout_batch_size=50, eval_episodes=3, dynamics_max_epochs=1, dynamics_hidden_dim=32,
-        batch_size=32, log_freq=5, device="cpu"))
+        rollout_freq=10, rollout_batch_size=50, eval_freq=1, eval_episodes=3, dynamics_max_epochs=1,
+        dynamics_hidden_dim=32, batch_size=32, log_freq=5, device="cpu"))
 
     # the gauge runs from the evaluation's own start states, as long as the env's episodes, with the run's λ
     assert len(calls["gauge"]) == len(calls["start"]) == 2
-    for start, (start_obs, horizon, lam, penalty_kind, termination_fn, graph) in zip(calls["start"], calls["gauge"]):
+    for (start, seed, gauge), (start_obs, step, gauge_seed) in zip(calls["start"], calls["gauge"]):
         assert start.shape == (3, 11) and torch.equal(start_obs, torch.as_tensor(start, dtype=torch.float32))
-        assert (horizon, lam, penalty_kind, termination_fn, graph) == (1000, 2.0, "aleatoric", mopo.hopper_done, False)
-    assert calls["rng"] == [1 + 10, 1 + 20]  # its own seed per evaluation (seed + update): training's RNG untouched
+        assert gauge == {"horizon": 1000, "lam": 2.0, "graph": False}
+        assert step == {"penalty_kind": "aleatoric", "termination_fn": mopo.hopper_done}
+        assert gauge_seed == seed  # its own seed per evaluation (seed + update): training's RNG untouched
+    assert [c[1] for c in calls["start"]] == [1 + 10, 1 + 20]
 
     run_dir = next((tmp_path / "runs").iterdir())
     assert results == json.loads((run_dir / "results.json").read_text())
@@ -171,37 +173,8 @@ def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monke
         monkeypatch.chdir(tmp_path / str(eval_freq))
         mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=1.0, epochs=2,
                             steps_per_epoch=10, rollout_freq=10, rollout_batch_size=50, eval_episodes=2,
-                            eval_freq=eval_freq, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32, log_freq=5, device="cpu"))
+                            eval_freq=eval_freq, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32, log_freq=5,
+                            device="cpu"))
         (run_dir,) = (tmp_path / str(eval_freq) / "runs").iterdir()
-        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["actor"])
+        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["sac"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
-def test_evaluations_recorded_later_are_the_same_and_every_checkpoint_holds_its_own(hopper_file, tmp_path,
-                                                                                     monkeypatch):
-    """D18: on CUDA an evaluation runs beside the next epoch and is recorded at the next evaluation or checkpoint.
-    Forced here on the CPU, it gives the evaluations it gives in turn, and each checkpoint holds every evaluation up
-    to its update (a resumed run then misses none)."""
-    init, save = mopo.Evaluator.__init__, mopo.save_policy_training
-    runs, switch_interval = {}, sys.getswitchinterval()
-    for in_turn in (True, False):
-        def init_spy(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            self.in_turn = in_turn
-        checkpoints = []  # (update, the steps of the evaluations it holds)
-
-        def save_spy(*args, step):
-            checkpoints.append((step, [e["step"] for e in args[7]["evaluations"]]))
-            return save(*args, step=step)
-        monkeypatch.setattr(mopo.Evaluator, "__init__", init_spy)
-        monkeypatch.setattr(mopo, "save_policy_training", save_spy)
-        (tmp_path / str(in_turn)).mkdir()
-        monkeypatch.chdir(tmp_path / str(in_turn))
-        results = mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=1.0, epochs=3,
-                                      steps_per_epoch=10, rollout_freq=10, rollout_batch_size=50, eval_episodes=2,
-                                      checkpoint_freq=2, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32,
-                                      log_freq=5, device="cpu"))
-        runs[in_turn] = results["evaluations"], checkpoints
-    assert runs[False] == runs[True]
-    assert runs[False][1] == [(0, []), (20, [10, 20]), (30, [10, 20, 30])]
-    assert sys.getswitchinterval() == switch_interval  # lowered only while an evaluation ran beside training

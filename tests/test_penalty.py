@@ -1,5 +1,6 @@
 """Alg. 2's penalty u(s,a) and the penalized reward r̃ = r − λ·u, by hand."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -54,6 +55,11 @@ class FixedModel(nn.Module):
         return self.mean[:, None].expand(-1, b, -1), self.logvar[:, None].expand(-1, b, -1)
 
 
+def stepper(model, kind, termination_fn):
+    """`model_step` with its model, penalty and termination function bound, as main binds it."""
+    return partial(mopo.model_step, model, penalty_kind=kind, termination_fn=termination_fn)
+
+
 class ZeroActor:
     def sample(self, obs):
         return torch.zeros(len(obs), 1), torch.zeros(len(obs))
@@ -72,7 +78,7 @@ def never_done(obs, act, next_obs):
 
 @pytest.mark.parametrize("lam", [0.0, 0.7, 2.5])
 def test_penalized_reward_in_rollout_is_r_minus_lambda_u(lam):
-    rows, stats = mopo.rollout(ZeroActor(), fixed_model(), torch.zeros(8, 2), 3, lam, "aleatoric", never_done)
+    rows, stats = mopo.rollout(ZeroActor(), stepper(fixed_model(), "aleatoric", never_done), torch.zeros(8, 2), 3, lam)
     obs, act, rew, next_obs, done = mopo.ReplayBuffer(1, 2, 1, "cpu").split(rows)
     assert rew.shape == (24,)
     torch.testing.assert_close(rew, torch.full((24,), 1.5 - lam * 7.0), atol=1e-4, rtol=0)
@@ -85,9 +91,9 @@ def test_lambda_zero_leaves_model_reward_unchanged():
     torch.manual_seed(0)
     model = FixedModel(torch.tensor([[0.3, 0.0], [0.0, 0.0]]), torch.tensor([[0.5, 0.1], [4.0, 4.0]]), elites=[0])
     torch.manual_seed(1)
-    rows0, _ = mopo.rollout(ZeroActor(), model, torch.zeros(64, 1), 1, 0.0, "aleatoric", never_done)
+    rows0, _ = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", never_done), torch.zeros(64, 1), 1, 0.0)
     torch.manual_seed(1)
-    rows1, _ = mopo.rollout(ZeroActor(), model, torch.zeros(64, 1), 1, 1.0, "aleatoric", never_done)
+    rows1, _ = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", never_done), torch.zeros(64, 1), 1, 1.0)
     rew0, rew1 = rows0[:, 2], rows1[:, 2]
     assert rew0.std() > 0.3  # the sampled (noisy) reward of the elite, untouched
     torch.testing.assert_close(rew0 - rew1, torch.full((64,), math.hypot(4.0, 4.0)))
@@ -101,8 +107,8 @@ def test_lambda_from_the_command_line_reaches_the_reward(hopper_file, tmp_path, 
                                      "--dynamics-max-epochs", "1", "--log-freq", "1"])
     seen = []
 
-    def spy(actor, model, start_obs, rollout_length, lam, penalty_kind, termination_fn):
-        rows, stats = rollout(actor, model, start_obs, rollout_length, lam, penalty_kind, termination_fn)
+    def spy(actor, step_fn, start_obs, rollout_length, lam):
+        rows, stats = rollout(actor, step_fn, start_obs, rollout_length, lam)
         seen.append((lam, rows[:, 11 + 3], stats))
         return rows, stats
 

@@ -14,7 +14,8 @@ from conftest import run_signalled_at
 
 RUN = ["--env-id", "hopper-medium-v2", "--lam", "1.0", "--seed", "7", "--epochs", "4", "--steps-per-epoch", "150",
        "--rollout-freq", "50", "--rollout-batch-size", "200", "--eval-episodes", "2", "--dynamics-max-epochs", "3",
-       "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--device", "cpu", "--torch-deterministic"]
+       "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--eval-freq", "1", "--device", "cpu",
+       "--torch-deterministic"]
 # --device cpu: bit-for-bit resume is a CPU promise (main would pick CUDA where it is visible, with CUDA graphs)
 
 
@@ -77,7 +78,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file,
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist; --resume takes a run folder"):
         mopo.main(mopo.Args(resume=str(tmp_path)))
 
 
@@ -101,6 +102,7 @@ def test_reusing_a_trained_dynamics_model(reference, hopper_file, tmp_path, monk
 @pytest.mark.parametrize("override, message", [
     ({"num_ensemble": 5, "num_elites": 3}, "num_ensemble 7 in the file vs 5 here; num_elites 5 in the file vs 3"),
     ({"dynamics_hidden_dim": 64}, "dynamics_hidden_dim 200 in the file vs 64 here"),
+    ({"spectral_norm": True}, "spectral_norm False in the file vs True here"),
 ])
 def test_dynamics_model_mismatch_is_a_clear_error(reference, hopper_file, tmp_path, monkeypatch, override, message):
     monkeypatch.chdir(tmp_path)

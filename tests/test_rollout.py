@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import mopo
-from test_penalty import FixedModel, ZeroActor
+from test_penalty import FixedModel, ZeroActor, stepper
 
 
 def done_when_marked(obs, act, next_obs):
@@ -15,7 +15,7 @@ def test_terminated_branches_stop():
     start = torch.zeros(6, 2)
     start[::2, 1] = 1.0  # rows 0, 2, 4 terminate at step 2
     model = FixedModel(torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]), torch.full((2, 3), 1e-6), elites=[0, 1])
-    rows, stats = mopo.rollout(ZeroActor(), model, start, 4, 0.0, "aleatoric", done_when_marked)
+    rows, stats = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", done_when_marked), start, 4, 0.0)
     obs, _, _, next_obs, done = mopo.ReplayBuffer(1, 2, 1, "cpu").split(rows)
     # 3 branches run 4 steps, 3 stop after 2 steps (their terminal transition is kept with done = 1)
     assert len(rows) == 3 * 4 + 3 * 2
@@ -29,7 +29,7 @@ def test_terminated_branches_stop():
 def test_all_branches_terminated_ends_the_rollout():
     model = FixedModel(torch.zeros(2, 3), torch.full((2, 3), 1e-6), elites=[0])
     always = lambda obs, act, next_obs: torch.ones(len(obs), dtype=torch.bool)  # noqa: E731
-    rows, _ = mopo.rollout(ZeroActor(), model, torch.zeros(5, 2), 10, 0.0, "aleatoric", always)
+    rows, _ = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", always), torch.zeros(5, 2), 10, 0.0)
     assert len(rows) == 5 and (rows[:, -1] == 1).all()
 
 
@@ -38,7 +38,7 @@ def test_each_transition_uses_a_random_elite():
     model = FixedModel(torch.tensor([[0.0, 1.0], [0.0, 100.0], [0.0, -1.0]]), torch.full((3, 2), 1e-6), elites=[0, 2])
     never = lambda obs, act, next_obs: torch.zeros(len(obs), dtype=torch.bool)  # noqa: E731
     torch.manual_seed(0)
-    rows, _ = mopo.rollout(ZeroActor(), model, torch.zeros(4000, 1), 1, 0.0, "aleatoric", never)
+    rows, _ = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", never), torch.zeros(4000, 1), 1, 0.0)
     delta = (rows[:, 3] - rows[:, 0]).round()  # columns [s, a, r, s′, done]
     assert set(delta.tolist()) == {1.0, -1.0}
     assert abs((delta == 1).float().mean().item() - 0.5) < 0.05
@@ -50,7 +50,7 @@ def test_rollout_with_real_model_and_actor_shapes():
     actor = mopo.Actor(11, 3, -torch.ones(3), torch.ones(3))
     start = torch.randn(300, 11) * 0.1
     start[:, 0] = 1.25
-    rows, stats = mopo.rollout(actor, model, start, 3, 1.0, "aleatoric", mopo.hopper_done, chunk_size=128)
+    rows, stats = mopo.rollout(actor, stepper(model, "aleatoric", mopo.hopper_done), start, 3, 1.0, chunk_size=128)
     assert rows.shape[1] == 11 + 3 + 1 + 11 + 1 and 300 <= len(rows) <= 900
     assert torch.isfinite(rows).all() and all(torch.isfinite(v) for v in stats.values())
 
@@ -86,7 +86,7 @@ def stop_odd_branches(obs, act, next_obs):
 def test_each_row_has_the_reward_and_penalty_of_its_own_s_a_before_and_after_branches_end():
     start = torch.stack([torch.arange(12.0), torch.zeros(12)], 1)  # [12, 2]: ids 0..11, t = 0
     lam, h = 0.5, 4
-    rows, stats = mopo.rollout(ScaledIdActor(), Echo(), start, h, lam, "aleatoric", stop_odd_branches)
+    rows, stats = mopo.rollout(ScaledIdActor(), stepper(Echo(), "aleatoric", stop_odd_branches), start, h, lam)
     obs, act, rew, next_obs, done = mopo.ReplayBuffer(1, 2, 1, "cpu").split(rows)
     branch, t = obs[:, 0].round(), obs[:, 1].round()
     torch.testing.assert_close(act[:, 0], 0.01 * branch)
@@ -105,7 +105,7 @@ def test_model_noise_is_drawn_with_the_elites_std():
     model = FixedModel(torch.tensor([[2.0, 0.5], [-4.0, 9.0]]), torch.tensor([[0.3, 0.2], [5.0, 5.0]]), elites=[0])
     never = lambda obs, act, next_obs: torch.zeros(len(obs), dtype=torch.bool)  # noqa: E731
     torch.manual_seed(0)
-    rows, _ = mopo.rollout(ZeroActor(), model, torch.zeros(20_000, 1), 1, 0.0, "aleatoric", never)
+    rows, _ = mopo.rollout(ZeroActor(), stepper(model, "aleatoric", never), torch.zeros(20_000, 1), 1, 0.0)
     rew, delta = rows[:, 2], rows[:, 3] - rows[:, 0]
     assert abs(rew.mean().item() - 2.0) < 0.01 and abs(rew.std().item() - 0.3) < 0.01
     assert abs(delta.mean().item() - 0.5) < 0.01 and abs(delta.std().item() - 0.2) < 0.01

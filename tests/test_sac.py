@@ -1,6 +1,8 @@
 """SAC pieces (D13): Bellman target masking, tanh-Gaussian log-probability, batched critics, target update."""
+import math
 import types
 
+import gymnasium as gym
 import pytest
 import torch
 from torch.distributions import Normal, TransformedDistribution
@@ -53,23 +55,20 @@ def test_twin_critics_batched_equal_separate_mlps():
 
 
 def sac_setup(**overrides):
-    """Tiny SAC pieces on a 3-dim task with a 1-dim action, and one batch (done = `done`)."""
+    """Tiny SAC on a 3-dim task with a 1-dim action, its optimizers, and one batch (done 0)."""
     torch.manual_seed(0)
     args = types.SimpleNamespace(**{"autotune": True, "alpha": 1.0, "gamma": 0.99, "tau": 0.005,
-                                    "target_entropy": -1.0, **overrides})
-    actor, qf, qf_target = mopo.Actor(3, 1, -torch.ones(1), torch.ones(1)), mopo.TwinQ(3, 1), mopo.TwinQ(3, 1)
-    log_alpha = torch.zeros((), requires_grad=True)
-    opts = [torch.optim.Adam(qf.parameters(), 3e-4), torch.optim.Adam(actor.parameters(), 3e-4),
-            torch.optim.Adam([log_alpha], 3e-4)]
+                                    "target_entropy": -1.0, "q_lr": 3e-4, "policy_lr": 3e-4, "alpha_lr": 3e-4,
+                                    **overrides})
+    sac = mopo.SAC(3, 1, gym.spaces.Box(-1.0, 1.0, (1,)), args.alpha)
+    opts = mopo.sac_optimizers(sac, args, torch.device("cpu"), capturable=False)
     batch = (torch.randn(32, 3), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.zeros(32))
-    return [args, actor, qf, qf_target, log_alpha, opts, batch]
+    return types.SimpleNamespace(args=args, sac=sac, opts=opts, batch=batch)
 
 
 def update(setup):
     """One `sac_update` on the setup's batch; returns its info dict with floats."""
-    args, actor, qf, qf_target, log_alpha, opts, batch = setup
-    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
-    return {k: float(v) for k, v in info.items()}
+    return {k: float(v) for k, v in mopo.sac_update(setup.sac, setup.opts, setup.batch, setup.args).items()}
 
 
 def constant_twins(qf, values):
@@ -81,10 +80,9 @@ def constant_twins(qf, values):
 
 def test_sac_update_steps_the_critics():
     setup = sac_setup()
-    qf = setup[2]
-    before = [p.clone() for p in qf.parameters()]
+    before = [p.clone() for p in setup.sac.qf.parameters()]
     update(setup)
-    assert all(not torch.equal(p, p0) for p, p0 in zip(qf.parameters(), before))  # every critic tensor moved
+    assert all(not torch.equal(p, p0) for p, p0 in zip(setup.sac.qf.parameters(), before))  # every tensor moved
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["min-is-twin-0", "min-is-twin-1"])
@@ -94,9 +92,9 @@ def test_target_takes_the_min_of_the_target_twins_and_masks_terminals(flip):
     twin or an unmasked terminal each give another."""
     setup = sac_setup(autotune=False, alpha=1e-9, gamma=0.9)
     targets, critics = [-3.0, 5.0], [2.0, 1.0]
-    constant_twins(setup[3], targets[::-1] if flip else targets)
-    constant_twins(setup[2], critics[::-1] if flip else critics)
-    rew, done = setup[6][2], setup[6][4]
+    constant_twins(setup.sac.qf_target, targets[::-1] if flip else targets)
+    constant_twins(setup.sac.qf, critics[::-1] if flip else critics)
+    rew, done = setup.batch[2], setup.batch[4]
     done[::2] = 1.0
     y = rew + 0.9 * (1 - done) * -3.0
     info = update(setup)
@@ -108,36 +106,50 @@ def test_target_takes_the_min_of_the_target_twins_and_masks_terminals(flip):
 def test_actor_loss_takes_the_min_of_the_twins(flip):
     """actor loss = mean(α log π(ã|s) − min_j Q_j(s, ã)); with constant critics 2 and 1 (kept by lr 0) and α ≈ 0 it
     is −1 (the other twin or the max: −2; the mean: −1.5)."""
-    setup = sac_setup(autotune=False, alpha=1e-9)
-    constant_twins(setup[2], [1.0, 2.0] if flip else [2.0, 1.0])
-    setup[5][0] = torch.optim.Adam(setup[2].parameters(), lr=0.0)
+    setup = sac_setup(autotune=False, alpha=1e-9, q_lr=0.0)
+    constant_twins(setup.sac.qf, [1.0, 2.0] if flip else [2.0, 1.0])
     assert update(setup)["losses/actor_loss"] == pytest.approx(-1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("target_entropy", [50.0, -50.0])
 def test_alpha_rises_when_entropy_is_below_the_target_and_falls_above(target_entropy):
     setup = sac_setup(target_entropy=target_entropy)
-    log_alpha = setup[4]
-    before = log_alpha.item()
+    before = setup.sac.log_alpha.item()
     info = update(setup)
-    assert (info["charts/entropy"] < target_entropy) == (log_alpha.item() > before) and log_alpha.item() != before
+    after = setup.sac.log_alpha.item()
+    assert (info["charts/entropy"] < target_entropy) == (after > before) and after != before
 
 
 def test_sac_update_moves_targets_by_tau_and_learns():
-    args, actor, qf, qf_target, log_alpha, opts, batch = sac_setup(tau=0.25)
-    target_before = [p.clone() for p in qf_target.parameters()]
-    actor_before = [p.clone() for p in actor.parameters()]
-    critic_before = [p.clone() for p in qf.parameters()]
-    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
-    for t0, t1, p, p0 in zip(target_before, qf_target.parameters(), qf.parameters(), critic_before):
-        assert not torch.equal(p, p0) and not torch.equal(t0, p0)  # critic stepped; targets started elsewhere
+    setup = sac_setup(tau=0.25)
+    sac = setup.sac
+    with torch.no_grad():  # targets away from the critics, so a step toward them shows
+        for t in sac.qf_target.parameters():
+            t.add_(torch.randn_like(t))
+    target_before = [p.clone() for p in sac.qf_target.parameters()]
+    actor_before = [p.clone() for p in sac.actor.parameters()]
+    critic_before = [p.clone() for p in sac.qf.parameters()]
+    info = update(setup)
+    for t0, t1, p, p0 in zip(target_before, sac.qf_target.parameters(), sac.qf.parameters(), critic_before):
+        assert not torch.equal(p, p0)  # the critic stepped
         torch.testing.assert_close(t1, t0 + 0.25 * (p - t0))  # θ' ← θ' + τ(θ − θ'), with θ already updated
-    assert any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
-    assert log_alpha.item() != 0.0 and all(p.requires_grad for p in qf.parameters())
-    assert all(torch.isfinite(torch.as_tensor(v)) for v in info.values())
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, sac.actor.parameters()))
+    assert sac.log_alpha.item() != 0.0 and all(p.requires_grad for p in sac.qf.parameters())
+    assert not any(p.requires_grad for p in sac.qf_target.parameters())
+    assert all(math.isfinite(v) for v in info.values())
 
 
 def test_fixed_alpha_without_autotune():
-    args, actor, qf, qf_target, log_alpha, opts, batch = sac_setup(autotune=False, alpha=0.2)
-    info = mopo.sac_update(batch, actor, qf, qf_target, log_alpha, *opts, args)
-    assert info["losses/alpha"] == 0.2 and "losses/alpha_loss" not in info and log_alpha.item() == 0.0
+    setup = sac_setup(autotune=False, alpha=0.2)
+    before = setup.sac.log_alpha.item()
+    info = update(setup)
+    assert info["losses/alpha"] == pytest.approx(0.2) and "losses/alpha_loss" not in info
+    assert setup.sac.log_alpha.item() == before  # untouched
+
+
+def test_sac_module_holds_every_parameter_and_targets_start_as_the_critics():
+    sac = mopo.SAC(3, 1, gym.spaces.Box(-1.0, 1.0, (1,)), alpha=0.5)
+    keys = sac.state_dict().keys()
+    assert {k.split(".")[0] for k in keys} == {"actor", "qf", "qf_target", "log_alpha"}
+    assert sac.log_alpha.item() == pytest.approx(math.log(0.5))
+    assert all(torch.equal(a, b) for a, b in zip(sac.qf.parameters(), sac.qf_target.parameters()))

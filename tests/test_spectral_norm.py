@@ -23,7 +23,7 @@ def trained(spectral_norm, epochs=15, system=known_system):
     model = mopo.EnsembleDynamics(3, 2, num_ensemble=4, num_elites=2, hidden_dim=32, spectral_norm=spectral_norm)
     args = types.SimpleNamespace(num_ensemble=4, num_elites=2, holdout_size=300, dynamics_lr=3e-3,
                                  dynamics_batch_size=64, dynamics_max_epochs=epochs)
-    stats = mopo.train_dynamics(model, obs, act, target, args)
+    stats = mopo.train_dynamics(model, (obs, act, target), args)
     return model, stats
 
 
@@ -92,7 +92,7 @@ def default_run(dataset, folder) -> dict:
     (run_dir,) = (Path(folder) / "runs").iterdir()
     ensemble = torch.load(run_dir / "dynamics.pt", weights_only=True)["state_dict"]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    actor = ckpt["actor"].values()
+    actor = [v for k, v in ckpt["sac"].items() if k.startswith("actor.")]
     return {"evaluations": results["evaluations"], "dynamics": results["dynamics"],
             "ensemble": digest(ensemble[k] for k in sorted(ensemble)), "actor": digest(actor)}
 

@@ -13,7 +13,7 @@ import sweep
 
 RUN = ("--epochs", "2", "--steps-per-epoch", "100", "--rollout-freq", "25", "--rollout-batch-size", "200",
        "--eval-episodes", "2", "--dynamics-max-epochs", "2", "--log-freq", "25", "--batch-size", "64",
-       "--checkpoint-freq", "1")
+       "--checkpoint-freq", "1", "--eval-freq", "1")
 TASKS = ("hopper-medium-v2", "hopper-medium-replay-v2")
 SIGNALLED = "hopper-medium-replay-v2/lam_5.0__h_default/seed_1"  # and its twin, never signalled:
 TWIN = "hopper-medium-v2/lam_5.0__h_default/seed_1"

@@ -39,17 +39,17 @@ def spied_run(path, monkeypatch, tmp_path, **overrides):
     seen = {"batches": [], "starts": [], "capacities": []}
     sac_update, rollout, train_dynamics = mopo.sac_update, mopo.rollout, mopo.train_dynamics
 
-    def sac_update_spy(batch, *args):
+    def sac_update_spy(sac, opts, batch, args):
         seen["batches"].append(tuple(x.clone() for x in batch))
-        return sac_update(batch, *args)
+        return sac_update(sac, opts, batch, args)
 
-    def rollout_spy(actor, model, start_obs, *args, **kwargs):
+    def rollout_spy(actor, step_fn, start_obs, *args, **kwargs):
         seen["starts"].append(start_obs.clone())
-        return rollout(actor, model, start_obs, *args, **kwargs)
+        return rollout(actor, step_fn, start_obs, *args, **kwargs)
 
-    def train_dynamics_spy(model, obs, act, target, *args, **kwargs):
-        seen["model_data"] = obs.clone(), act.clone(), target.clone()
-        return train_dynamics(model, obs, act, target, *args, **kwargs)
+    def train_dynamics_spy(model, data, *args, **kwargs):
+        seen["model_data"] = tuple(x.clone() for x in data)
+        return train_dynamics(model, data, *args, **kwargs)
 
     class Buffer(mopo.ReplayBuffer):
         def __init__(self, capacity, *args):
