@@ -649,15 +649,18 @@ def rollout(actor, step_fn: Callable, start_obs, rollout_length: int, lam: float
 
 @torch.no_grad()
 def model_returns(actor, step_fn: Callable, start_obs, horizon: int, lam: float, graph: bool = False) -> dict:
-    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the model from start_obs [N, obs_dim]. Per
-    episode [N]: Σ r (η of M̂), Σ (r − λ·u) (η of M̃, below the true return when λ·u bounds the model error), the
-    length. With `graph` (CUDA), all `horizon` steps replay a recorded graph."""
+    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the model from start_obs [N, obs_dim], to
+    `horizon`, termination or a diverging (non-finite) step. Per episode [N]: Σ r (η of M̂), Σ (r − λ·u) (η of M̃,
+    below the true return when λ·u bounds the model error), the length. With `graph` (CUDA), all `horizon` steps
+    replay a recorded graph."""
+
     obs = start_obs.clone()
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
 
     def one_step():  # in place, fixed shapes: a finished episode keeps stepping but earns nothing
         rew, u, next_obs, done = step_fn(obs, actor.act(obs))
+        alive.logical_and_(torch.isfinite(next_obs).all(1) & torch.isfinite(rew - u))  # the model diverged: it ends
         ret.add_(torch.where(alive, rew, 0.0))
         penalized.add_(torch.where(alive, rew - lam * u, 0.0))
         length.add_(alive)

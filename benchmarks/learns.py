@@ -1,19 +1,24 @@
 """Does MOPO learn? End-to-end evidence on CPU from datasets made here (no download).
 
-    python benchmarks/learns.py                      # both tasks, 3 seeds, MOPO and λ = 0; ~1 h on 2 cores
-    python benchmarks/learns.py --tasks pendulum --seeds 1
+    python benchmarks/learns.py --tasks halfcheetah-random    # 3 seeds × (one model, MOPO, λ = 0); ~1.5 h, 2 cores
+    python benchmarks/learns.py --tasks pendulum hopper       # the earlier, short evidence (20k updates)
 
-For each task: write a D4RL-layout dataset with uniformly random actions (benchmarks/make_dataset.py), then per seed
-train the dynamics ensemble once (`mopo.py --epochs 0`) and run MOPO and MOPO with λ = 0 (plain MBPO) on that same
-ensemble (`--dynamics-path`). Prints and saves a table of the behaviour data's mean return against the final return
-(the last evaluation's mean over episodes; mean ± std over seeds). These tasks have no D4RL reference scores, so all
-numbers are raw returns. Runs go `--jobs` at a time, each on one torch thread.
+For each task: write a D4RL-layout dataset with uniformly random actions (benchmarks/make_dataset.py: D4RL's "random"
+recipe, 1,000-step episodes, terminals and timeouts recorded, a fixed seed), then per seed train the dynamics ensemble
+once (`mopo.py --epochs 0`) and run MOPO and MOPO with λ = 0 (plain MBPO) on that same ensemble (`--dynamics-path`).
+Jobs run `--jobs` at a time, each on one torch thread; a seed's two runs start as soon as its ensemble is saved.
+
+halfcheetah-random is trained as D4RL's task of that name (`--env-id halfcheetah-random-v2 --dataset-path ...`): the
+published (h, λ) = (5, 0.5), D4RL's normalized score, mopo.py's default evaluation. pendulum and hopper are gymnasium
+tasks without reference scores (raw returns). Prints and writes table.md and summary.json; draw the curves and the
+gauge with benchmarks/plot.py (the table says the commands).
 """
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,115 +29,150 @@ import tyro
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 from make_dataset import make_dataset  # noqa: E402
 
-# task: (gymnasium id, dataset transitions, mopo.py flags). Settings sized for ~30 min per task on 2 CPU cores.
-# InvertedPendulum needs h = 25: random episodes end within ~6 steps, so every start state sits near the track's
-# centre, and a policy that drifts only fails 20-50 steps later; with h = 5 (pilot runs: 40-70 return) the value
-# function never sees that, with h = 25 the policy holds the pole for all 1,000 steps.
+# D4RL's reference returns of HalfCheetah (mopo.D4RL_FAMILIES), for the data's normalized score
+HALFCHEETAH_REF = (-280.178953, 12135.0)
+# task: (gymnasium id of the data, mopo.py --env-id, transitions, mopo.py flags)
 TASKS = {
-    "pendulum": ("InvertedPendulum-v4", 20_000, [
-        "--lam", "1.0", "--rollout-length", "25", "--epochs", "20", "--steps-per-epoch", "1000",
-        "--rollout-batch-size", "2000", "--rollout-freq", "250", "--eval-freq", "2", "--eval-episodes", "5",
-        "--dynamics-max-epochs", "50"]),
-    "hopper": ("Hopper-v4", 50_000, [
-        "--lam", "1.0", "--rollout-length", "5", "--epochs", "20", "--steps-per-epoch", "1000",
-        "--rollout-batch-size", "5000", "--rollout-freq", "250", "--eval-freq", "2", "--eval-episodes", "5",
-        "--dynamics-max-epochs", "50"]),
+    # D4RL's halfcheetah-random recipe; 60 epochs of 1,000 updates; the dynamics capped at 100 epochs (CPU time)
+    "halfcheetah-random": ("HalfCheetah-v4", "halfcheetah-random-v2", 100_000, [
+        "--epochs", "60", "--dynamics-max-epochs", "100"]),
+    # InvertedPendulum needs h = 25: random episodes end within ~6 steps, so every start state sits near the track's
+    # centre, and a drifting policy fails only 20-50 steps later, which 5-step rollouts never reach.
+    "pendulum": ("InvertedPendulum-v4", "InvertedPendulum-v4", 20_000, [
+        "--lam", "1.0", "--rollout-length", "25", "--epochs", "20", "--rollout-batch-size", "2000",
+        "--rollout-freq", "250", "--eval-freq", "2", "--eval-episodes", "5", "--dynamics-max-epochs", "50"]),
+    "hopper": ("Hopper-v4", "Hopper-v4", 50_000, [
+        "--lam", "1.0", "--rollout-length", "5", "--epochs", "20", "--rollout-batch-size", "5000",
+        "--rollout-freq", "250", "--eval-freq", "2", "--eval-episodes", "5", "--dynamics-max-epochs", "50"]),
 }
 
 
 @dataclass
 class Args:
-    tasks: tuple[str, ...] = ("pendulum", "hopper")
-    """tasks to run, of: pendulum, hopper"""
+    tasks: tuple[str, ...] = ("halfcheetah-random",)
+    """tasks to run, of: halfcheetah-random, pendulum, hopper"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds (each gets its own ensemble, shared by its MOPO and λ = 0 runs)"""
     jobs: int = 2
-    """runs at a time (one torch thread each)"""
+    """jobs at a time (one torch thread each)"""
     out_dir: str = "benchmarks/results/learns"
     """where datasets, runs and the table go"""
-    dynamics_max_epochs: int = 0
-    """if > 0, overrides the per-task cap on dynamics epochs (for a quick look)"""
     epochs: int = 0
-    """if > 0, overrides the per-task number of epochs (for a quick look)"""
+    """if > 0, overrides the task's number of epochs (for a quick look)"""
+    dynamics_max_epochs: int = 0
+    """if > 0, overrides the task's cap on dynamics epochs (for a quick look)"""
+    device: str = "cpu"
+    """mopo.py's --device for every job (cuda: every job on the GPU, `--jobs` of them at once)"""
 
 
-def run(cmd, cwd, log):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def run(cmd, cwd, log, threads):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed; see {log}")
 
 
-def latest_run(cwd, exp_name):
-    (run_dir,) = sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*"))
-    return run_dir
+def run_dir(cwd, exp_name):
+    (folder,) = sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*"))
+    return folder
 
 
-def seed_chain(args, task, seed, dataset, cwd):
-    """Train the ensemble once, then MOPO and λ = 0 on it; returns {variant: results}."""
-    gym_id, _, flags = TASKS[task]
-    flags = list(flags)
-    for name, value in (("--dynamics-max-epochs", args.dynamics_max_epochs), ("--epochs", args.epochs)):
-        if value > 0:
-            flags[flags.index(name) + 1] = str(value)
-    base = [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", gym_id, "--dataset-path", str(dataset),
-            "--seed", str(seed), *flags]
-    model_name = f"{task}-model-s{seed}"
-    run(base + ["--epochs", "0", "--exp-name", model_name], cwd, cwd / f"{model_name}.log")
-    model = latest_run(cwd, model_name)
-    out = {}
-    for variant, lam in (("mopo", None), ("lam0", "0.0")):
-        name = f"{task}-{variant}-s{seed}"
-        extra = ["--dynamics-path", str(model), "--exp-name", name] + (["--lam", lam] if lam else [])
-        start = time.time()
-        run(base + extra, cwd, cwd / f"{name}.log")
-        out[variant] = json.loads((latest_run(cwd, name) / "results.json").read_text())
-        out[variant]["wall_s"] = time.time() - start
+def data_summary(task: str, returns: np.ndarray, transitions: int) -> dict:
+    out = {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "episodes": len(returns),
+           "transitions": transitions}
+    if task == "halfcheetah-random":
+        low, high = HALFCHEETAH_REF
+        out["normalized_score"] = float((100 * (returns - low) / (high - low)).mean())
     return out
+
+
+def write_dataset(task: str, out_dir: Path, transitions: int = 0) -> tuple[Path, dict]:
+    """The task's dataset (seed 0), with `transitions` rows if > 0, else the task's; and a summary of its episodes."""
+    gym_id, _, default, _ = TASKS[task]
+    path, transitions = out_dir / f"{task.replace('-', '_')}.hdf5", transitions or default
+    returns = make_dataset(path, gym_id, transitions, seed=0)
+    return path, data_summary(task, returns, transitions)
+
+
+def main(args: Args) -> dict:
+    out_dir = Path(args.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    behaviour, results, lock = {}, {}, threading.Lock()
+    pool = ThreadPoolExecutor(args.jobs)
+    pending = []
+
+    def flags(task, seed):
+        _, env_id, _, extra = TASKS[task]
+        extra = list(extra)
+        for name, value in (("--epochs", args.epochs), ("--dynamics-max-epochs", args.dynamics_max_epochs)):
+            if value > 0:
+                extra[extra.index(name) + 1] = str(value)
+        return [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", env_id, "--dataset-path",
+                str(out_dir / f"{task.replace('-', '_')}.hdf5"), "--seed", str(seed), "--device", args.device, *extra]
+
+    def policy(task, seed, variant, model):
+        name = f"{task}-{variant}-s{seed}"
+        start = time.time()
+        run(flags(task, seed) + ["--dynamics-path", str(model), "--exp-name", name]
+            + (["--lam", "0.0"] if variant == "lam0" else []), out_dir, out_dir / f"{name}.log", 1)
+        r = json.loads((run_dir(out_dir, name) / "results.json").read_text()) | {"wall_s": time.time() - start}
+        with lock:
+            results.setdefault((task, seed), {})[variant] = r
+
+    def model(task, seed):
+        name = f"{task}-model-s{seed}"
+        start = time.time()
+        run(flags(task, seed) + ["--epochs", "0", "--exp-name", name], out_dir, out_dir / f"{name}.log", 1)
+        folder = run_dir(out_dir, name)
+        with lock:
+            results.setdefault((task, seed), {})["model"] = {"wall_s": time.time() - start, **json.loads(
+                (folder / "results.json").read_text())["dynamics"]}
+            pending.extend(pool.submit(policy, task, seed, v, folder) for v in ("mopo", "lam0"))
+
+    start = time.time()
+    for task in args.tasks:
+        _, behaviour[task] = write_dataset(task, out_dir)
+    models = [pool.submit(model, task, seed) for task in args.tasks for seed in args.seeds]
+    for future in models:
+        future.result()
+    for future in list(pending):
+        future.result()
+    pool.shutdown()
+    wall = time.time() - start
+    return report(args, behaviour, results, wall, out_dir)
 
 
 def fmt(values):
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def main(args: Args) -> dict:
-    out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    behaviour, chains = {}, []
-    for task in args.tasks:
-        gym_id, num_steps, _ = TASKS[task]
-        dataset = out_dir / f"{task}_random.hdf5"
-        returns = make_dataset(dataset, gym_id, num_steps, seed=0)
-        behaviour[task] = {"mean_return": float(returns.mean()), "std_return": float(returns.std()),
-                           "episodes": len(returns), "transitions": num_steps}
-        chains += [(task, seed, dataset) for seed in args.seeds]
-    start = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda c: (c[0], c[1], seed_chain(args, *c, out_dir)), chains))
-    wall = time.time() - start
-
+def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Path) -> dict:
+    lines = ["| task | data | MOPO final | per seed | λ = 0 (MBPO) final | per seed | MOPO beats the data on every "
+             "seed |", "|---|---|---|---|---|---|---|"]
     table = {}
-    lines = ["| task | behaviour data: mean return | MOPO final return | MOPO per seed | λ = 0 (MBPO) final return "
-             "| λ = 0 per seed | MOPO beats data on every seed |", "|---|---|---|---|---|---|---|"]
     for task in args.tasks:
-        mopo = [r["mopo"]["final_return"] for t, _, r in results if t == task]
-        lam0 = [r["lam0"]["final_return"] for t, _, r in results if t == task]
-        beats = all(m > behaviour[task]["mean_return"] for m in mopo)
-        table[task] = {"behaviour": behaviour[task], "mopo": mopo, "lam0": lam0, "mopo_beats_data": beats,
-                       "lam": next(r["mopo"]["lam"] for t, _, r in results if t == task),
-                       "env_id": TASKS[task][0], "flags": TASKS[task][2]}
-        lines.append(f"| {TASKS[task][0]} | {behaviour[task]['mean_return']:.1f} | {fmt(mopo)} | "
-                     f"{', '.join(f'{v:.0f}' for v in mopo)} | {fmt(lam0)} | {', '.join(f'{v:.0f}' for v in lam0)} "
-                     f"| {'yes' if beats else 'NO'} |")
-    lines.append(f"\nwall time {wall / 60:.1f} min for {len(chains)} seed chains, {args.jobs} at a time, "
-                 f"1 torch thread each; raw returns (no D4RL reference scores exist for these tasks).")
+        key = "final_normalized_score" if task == "halfcheetah-random" else "final_return"
+        data = behaviour[task]["normalized_score" if task == "halfcheetah-random" else "mean_return"]
+        mopo = [results[(task, s)]["mopo"][key] for s in args.seeds]
+        lam0 = [results[(task, s)]["lam0"][key] for s in args.seeds]
+        beats = all(m > data for m in mopo)
+        table[task] = {"behaviour": behaviour[task], "metric": key, "mopo": mopo, "lam0": lam0, "beats": beats,
+                       "lam": results[(task, args.seeds[0])]["mopo"]["lam"], "flags": TASKS[task][3]}
+        lines.append(f"| {task} | {data:.1f} | {fmt(mopo)} | {', '.join(f'{v:.1f}' for v in mopo)} | {fmt(lam0)} | "
+                     f"{', '.join(f'{v:.1f}' for v in lam0)} | {'yes' if beats else 'NO'} |")
+    lines += [f"\nwall time {wall / 60:.1f} min, {args.jobs} jobs at a time, 1 torch thread each, --device "
+              f"{args.device}. halfcheetah-random: D4RL normalized score; pendulum, hopper: raw returns.",
+              f"Curves: python benchmarks/plot.py {out_dir}/runs --label-by lam --out curves.png",
+              f"Gauge: python benchmarks/plot.py {out_dir}/runs/*mopo-s* --gauge --out gauge.png"]
     text = "\n".join(lines)
     print(text)
     (out_dir / "table.md").write_text(text + "\n")
-    summary = {"tasks": table, "wall_s": wall, "args": vars(args), "runs": results}
+    summary = {"tasks": table, "wall_s": wall, "args": vars(args),
+               "runs": {f"{t}/seed_{s}": r for (t, s), r in results.items()}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -6,13 +6,16 @@ D4RL's "random" recipe: uniformly random actions, episodes capped at 1000 steps,
 termination) and `timeouts` (the time limit) recorded separately, `next_observations` stored explicitly.
 """
 
-import warnings
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-import gymnasium as gym
 import h5py
 import numpy as np
 import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mopo  # noqa: E402
 
 
 @dataclass
@@ -31,9 +34,7 @@ class Args:
 
 def make_dataset(path, env_id="Hopper-v4", num_steps=100_000, max_episode_steps=1000, seed=0, **gym_kwargs):
     """Roll out uniformly random actions and write D4RL's keys; returns the completed episodes' returns."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        env = gym.make(env_id, max_episode_steps=max_episode_steps, **gym_kwargs)
+    env = mopo.make_env(mopo.Task(env_id, "", None, env_id, {"max_episode_steps": max_episode_steps, **gym_kwargs}))
     env.action_space.seed(seed)
     keys = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
     data = {k: [] for k in keys}

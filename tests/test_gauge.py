@@ -178,3 +178,29 @@ def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monke
         (run_dir,) = (tmp_path / str(eval_freq) / "runs").iterdir()
         weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["sac"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class Diverging(nn.Module):
+    """The stand-in model of StepCounter, but its prediction turns NaN once s₀ (steps taken) reaches s₁ (a marker)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counter = StepCounter()
+        self.register_buffer("elites", torch.tensor([0]))
+
+    def forward(self, obs, act):
+        mean, logvar = self.counter(obs, act)
+        bad = (obs[:, 0] >= obs[:, 1] - 0.5)[None, :, None]
+        return torch.where(bad, float("nan"), mean), logvar
+
+
+def test_a_diverging_model_ends_the_episode_before_its_non_finite_step():
+    """HalfCheetah never terminates, so a model that blows up would turn every later sum into NaN: the episode ends
+    at the first non-finite step, which earns nothing."""
+    never = lambda obs, act, next_obs: torch.zeros(len(obs), dtype=torch.bool)  # noqa: E731
+    out = mopo.model_returns(ZeroPolicy(), stepper(Diverging(), "aleatoric", never), start_states([2.0, 4.0, 100.0]),
+                             10, 0.5)
+    lengths = torch.tensor([2.0, 4.0, 10.0])  # steps 1..L are finite; the next one is NaN
+    torch.testing.assert_close(out["model_length"], lengths, atol=0, rtol=0)
+    torch.testing.assert_close(out["model_return"], lengths * (lengths + 1) / 2, atol=1e-4, rtol=0)
+    assert torch.isfinite(out["penalized_model_return"]).all()
