@@ -1,53 +1,54 @@
 """How fast are mopo.py's three loops? Each measured as the program runs it, next to the bare compute of the same
-networks on pre-made tensors, in the same process; then what an evaluation costs, and (on request) a measured
-stretch of `mopo.main` and a projection of a full D4RL-sized run from the measured parts.
+networks on pre-made tensors, in the same process; then what an evaluation and a checkpoint cost, (on request) a
+measured stretch of `mopo.main`, and a projection of a full D4RL-sized run from the measured parts.
 
-    python benchmarks/speed.py --threads 1            # CPU, ~3 min
+    python benchmarks/speed.py --threads 1            # CPU, ~2 min
     python benchmarks/speed.py --threads 2 --out speed_2threads.json
     python benchmarks/speed.py --device cuda --dynamics-to-early-stop   # on a GPU machine: eager and CUDA graph
     python benchmarks/speed.py --dataset-size 1000000 # D4RL-sized data
 
 Loops (hopper dims: obs 11, act 3; the dataset is generated from Hopper-v4 with random actions):
-- dynamics epoch: one epoch of `train_dynamics` on the dataset (bootstrap batches of 7×256); bare = the same number of
-  forward+backward+Adam steps of the same ensemble on one pre-made batch.
-- rollout round: `rollout` of `--rollout-batch-size` start states × h steps with the hopper termination function,
-  after the ensemble is trained for one epoch (so terminations are realistic); bare = actor + ensemble forward on
-  pre-made tensors with the same number of rows per step.
-- SAC update: batch sampling (`sample_mixed`, real_ratio 0.05) + `sac_update`; bare = `sac_update` on one pre-made
-  batch.
+- dynamics epoch: one epoch of `train_dynamics` on `model_data` of the dataset (bootstrap batches of 7×256); bare =
+  the same number of forward+backward+Adam steps of the same ensemble on one pre-made batch.
+- rollout round: `rollout` of `--rollout-batch-size` start states × h steps, its `step_fn` `model_step` bound as
+  `main` binds it (aleatoric penalty, hopper termination function), after the ensemble is trained for one epoch (so
+  terminations are realistic); bare = actor + ensemble forward on pre-made tensors with the same number of rows per
+  step.
+- SAC update: batch sampling (`sample_mixed`, real_ratio 0.05) + `sac_update` of a `mopo.SAC` with its
+  `sac_optimizers`; bare = `sac_update` on one pre-made batch.
 - MOPO phase: `--rollout-freq` updates plus one rollout round, as in `main` → updates/s.
 On CUDA each loop also runs as `main` runs it with `--cuda-graph` (the default there): the SAC update recorded once by
-`mopo.cuda_graph` (its own actor, critics and capturable Adams) and replayed; the dynamics epoch with a graph per full
+`mopo.cuda_graph` (its own SAC module and capturable Adams) and replayed; the dynamics epoch with a graph per full
 minibatch (a call captures once, so the marginal cost of an epoch, from a 1- and a 3-epoch call, is given too). The
 "mopo.py" column of the first table is then the eager path (`--no-cuda-graph`).
 
-Evaluation (10 episodes side by side in a SyncVectorEnv, the policy on a CPU twin; Theorem 4.4's gauge
-`model_returns` on the training modules, from the episodes' start states, up to 1000 steps):
-- hopper, with the benchmark's actor (short episodes: its policy falls at once);
+Evaluation, as `main` runs it every `eval_freq` epochs, in turn with training (`mopo.evaluate`: 10 episodes side by
+side in a SyncVectorEnv, the policy on a CPU copy; Theorem 4.4's gauge `model_returns` on the training modules, from
+the episodes' start states, up to 1000 steps, seeded as `evaluate` seeds it):
+- hopper, with the benchmark's actor (short episodes: its policy falls at once): the episodes, the gauge, and one
+  whole `evaluate` call with the gauge bound as `main` binds it (a CUDA graph on CUDA);
 - full length: HalfCheetah (`halfcheetah-medium-v2`'s env never terminates: 10 × 1000 steps) with a random-init actor,
   and the gauge for 1000 steps in an ensemble of HalfCheetah's dims (random init, mean head zeroed so that 1000 model
-  steps stay finite: same compute), on CPU twins and, on CUDA, on the GPU modules, eager and as a CUDA graph (what
-  `main` runs there; also the time its thread spends launching it); also the same 10 episodes in an
-  AsyncVectorEnv (forkserver; its workers re-import this script, as they would mopo.py), for information;
-- one policy checkpoint write (weights, optimizer states, the full model buffer), as `main` writes every 10 epochs;
-- on CUDA, one steady-state epoch as `main` runs it (a rollout round and 1,000 graph-replayed updates) alone, the
-  full-length HalfCheetah evaluation alone through `mopo.Evaluator` (episodes in its thread, gauge as a graph), and
-  both at once (D18): what an evaluation adds to an epoch beside which it runs.
+  steps stay finite: same compute), on CPU twins and, on CUDA, on GPU modules, eager and as a CUDA graph (what
+  `main` runs there); also the same 10 episodes in an AsyncVectorEnv (forkserver; its workers re-import this script,
+  as they would mopo.py), for information;
+- one policy checkpoint write (`save_checkpoint`: SAC, optimizer states, the full model buffer, RNG states), as
+  `main` writes every 10 epochs.
 
 `--e2e-epochs N` (default 20 on CUDA, 0 = skip on CPU): `mopo.main` on hopper-medium-v2 with the generated data and
-an ensemble trained here (`--dynamics-path`), N epochs of 1,000 updates, 10 evaluation episodes every epoch, all other
-settings default, in a temporary folder; on CUDA once with CUDA graphs and once eager (`--skip-eager-e2e`;
-`--e2e-eager-epochs`); `--budget-s` shortens (or skips) either run to end in time. Its wall time is measured around
-`main`; its parts by timing what `main` calls: `rollout` and checkpoint writes (device synced), and, unsynced, the time
-main's thread spends in `Evaluator.start` and `Evaluator.record` and the episodes' time in the evaluation thread.
-Policy phase = first rollout to the end of `main`; updates/s excl. eval leaves out main's time in evaluation and
-checkpoint writes.
+an ensemble trained here (`--dynamics-path`), N epochs of 1,000 updates, 10 evaluation episodes every `eval_freq`
+epochs and after the last, all other settings default, in a temporary folder; on CUDA once with CUDA graphs and once
+eager (`--skip-eager-e2e`; `--e2e-eager-epochs`); `--budget-s` shortens (or skips) either run to end in time. Its wall
+time is measured around `main`; its parts by timing what `main` calls: `rollout`, `save_checkpoint` and `evaluate`
+(device synced) and `record` (the evaluation's logging). Policy phase = first rollout to the end of `main`; updates/s
+excl. eval leaves out main's time in evaluations (`evaluate` + `record`) and checkpoint writes.
 
-Projection of a D4RL-sized run (1M transitions, 1M updates, 10 episodes every 1,000 updates, checkpoint every 10
-epochs, dynamics to early stopping) from the measured parts (on CUDA, evaluations at what one adds to an epoch beside
-it, and in full at the 100 checkpoints, where main waits for the evaluation it just started); with
-`--dynamics-to-early-stop` the ensemble is also trained to early stopping on the generated data (its epoch count
-stands in for E; capped by `--early-stop-max-s`).
+Projection of a D4RL-sized default run from the measured parts (not a measured run): 1M transitions, 1,000 epochs of
+1,000 updates, an evaluation every `mopo.Args().eval_freq` epochs (200), each a whole evaluation (10 full-length
+episodes + the gauge, as `main` gauges on the device) in the training thread, a checkpoint every 10 epochs and at the
+start and the end (102), dynamics to early stopping; with `--dynamics-to-early-stop` the ensemble is also trained to
+early stopping on the generated data (its epoch count stands in for E; capped by `--early-stop-max-s`, checked at
+epoch ends).
 Peak memory: max RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA (after the loops).
 """
 
@@ -58,7 +59,6 @@ import math
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -78,8 +78,13 @@ sys.path.insert(0, str(HERE))
 import mopo  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
-FULL_RUN = {"transitions": 1_000_000, "updates": 1_000_000, "evaluations": 1000, "checkpoints": 100,
-            "budget_s": 1800}  # D4RL-sized: 1,000 epochs of 1,000 updates, eval every epoch, checkpoint every 10
+
+# D4RL-sized, at main's defaults: an evaluation every eval_freq epochs and after the last; a checkpoint every
+# checkpoint_freq epochs, one before the first update and one after the last
+DEFAULTS, FULL_EPOCHS = mopo.Args(), 1000
+FULL_RUN = {"transitions": 1_000_000, "epochs": FULL_EPOCHS, "updates": FULL_EPOCHS * DEFAULTS.steps_per_epoch,
+            "eval_freq": DEFAULTS.eval_freq, "evaluations": -(-FULL_EPOCHS // DEFAULTS.eval_freq),
+            "checkpoints": FULL_EPOCHS // DEFAULTS.checkpoint_freq + 2, "budget_s": 1800}
 
 
 @dataclass
@@ -105,11 +110,11 @@ class Args:
     gauge_horizon: int = 1000
     """steps of the gauge's model episodes (main: the env's horizon, 1000)"""
     async_eval: bool = True
-    """also time the full-length evaluation in gymnasium's AsyncVectorEnv (forkserver; informational)"""
+    """also time the full-length episodes in gymnasium's AsyncVectorEnv (forkserver; informational)"""
     dynamics_to_early_stop: bool = False
     """also train an ensemble on the dataset until early stopping (dynamics_max_epochs None): its epochs and time"""
     early_stop_max_s: float = 90.0
-    """stop that training after this many seconds (reported as not converged)"""
+    """stop that training at the first epoch end after this many seconds (reported as not converged)"""
     e2e_epochs: Optional[int] = None
     """epochs of the end-to-end `mopo.main` run (default: 20 on CUDA, 0 = none on CPU)"""
     e2e_eager_epochs: Optional[int] = None
@@ -155,15 +160,15 @@ def optional(results, part):
         results.setdefault("errors", {})[part] = repr(e)
 
 
-def sac_modules(obs_dim, act_dim, device, capturable=False):
-    """Actor, critics, target critics, log α and their three fused Adams, as `main` builds them."""
-    actor = mopo.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim)).to(device)
-    qf, qf_target = mopo.TwinQ(obs_dim, act_dim).to(device), mopo.TwinQ(obs_dim, act_dim).to(device)
-    qf_target.load_state_dict(qf.state_dict())
-    qf_target.requires_grad_(False)
-    log_alpha = torch.zeros((), device=device, requires_grad=True)
-    opts = tuple(mopo.adam(p, 3e-4, device, capturable) for p in (qf.parameters(), actor.parameters(), [log_alpha]))
-    return actor, qf, qf_target, log_alpha, opts
+def sac_modules(obs_dim, act_dim, action_space, margs, device, capturable=False):
+    """A SAC module and its three fused Adams, as `main` builds them."""
+    sac = mopo.SAC(obs_dim, act_dim, action_space, margs.alpha).to(device)
+    return sac, mopo.sac_optimizers(sac, margs, device, capturable)
+
+
+def hopper_step(dynamics):
+    """`model_step` bound as `main` binds it for hopper-medium-v2 (aleatoric penalty)."""
+    return functools.partial(mopo.model_step, dynamics, penalty_kind="aleatoric", termination_fn=mopo.hopper_done)
 
 
 def main(args: Args) -> dict:
@@ -186,8 +191,7 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     data = mopo.load_dataset(path, 11, 3)
     obs_dim, act_dim, h = 11, 3, args.rollout_length
     real = mopo.ReplayBuffer(len(data["observations"]), obs_dim, act_dim, device)
-    real.add(mopo.to_rows(*(torch.as_tensor(data[k], device=device) for k in
-                            ("observations", "actions", "rewards", "next_observations", "terminals"))))
+    real.add(mopo.to_rows(*(torch.as_tensor(data[k], device=device) for k in mopo.DATA_KEYS)))
     results = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
                "dataset_size": real.size, "cpu": platform_name(),
                "gpu": torch.cuda.get_device_name(device) if cuda else None}
@@ -199,10 +203,12 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
 
     # --- dynamics epoch -------------------------------------------------------------------------------------------
     dynamics = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-    obs, act, target = mopo.make_model_data(real)
+    model_rows = mopo.model_data(real)  # (s, a, [r, Δs])
+    obs, act, target = model_rows
+    head = tuple(x[:5000] for x in model_rows)
     warm_up = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)  # first calls pay one-time library set-up
-    mopo.train_dynamics(warm_up, obs[:5000], act[:5000], target[:5000], margs)
-    seconds, stats = timed(lambda: mopo.train_dynamics(dynamics, obs, act, target, margs), device)
+    mopo.train_dynamics(warm_up, head, margs)
+    seconds, stats = timed(lambda: mopo.train_dynamics(dynamics, model_rows, margs), device)
     n_train = len(obs) - min(int(0.2 * len(obs)), margs.holdout_size)
     steps = -(-n_train // margs.dynamics_batch_size)
     bare_model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
@@ -222,26 +228,31 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     if cuda:  # the same epoch with a CUDA graph per full minibatch; each call captures once, so also 3 epochs
         with optional(results, "dynamics epoch, CUDA graph"):
             gargs, fresh = replace(margs, cuda_graph=True), lambda: mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-            mopo.train_dynamics(fresh(), obs[:5000], act[:5000], target[:5000], gargs)  # warm-up: graph memory pool
-            one, _ = timed(lambda: mopo.train_dynamics(fresh(), obs, act, target, gargs), device)
-            three, _ = timed(lambda: mopo.train_dynamics(fresh(), obs, act, target,
-                                                         replace(gargs, dynamics_max_epochs=3)), device)
+            mopo.train_dynamics(fresh(), head, gargs)  # warm-up: graph memory pool
+            one, _ = timed(lambda: mopo.train_dynamics(fresh(), model_rows, gargs), device)
+            three, _ = timed(lambda: mopo.train_dynamics(fresh(), model_rows, replace(gargs, dynamics_max_epochs=3)),
+                             device)
             results["dynamics_epoch"] |= {"graph_s": one, "graph_marginal_s": (three - one) / 2,
                                           "graph_3_epochs_s": three, "eager_over_graph": seconds / one}
     save("dynamics epoch")
 
     # --- rollout round ----------------------------------------------------------------------------------------------
-    actor, qf, qf_target, log_alpha, opts = sac_modules(obs_dim, act_dim, device)
+    dynamics.eval()  # as main, after model training
+    env = mopo.make_env(task)
+    action_space = env.action_space
+    env.close()
+    sac, opts = sac_modules(obs_dim, act_dim, action_space, margs, device)
+    step_fn = hopper_step(dynamics)
     start_obs = real.split(real.sample(args.rollout_batch_size))[0]
-    roll = lambda: mopo.rollout(actor, dynamics, start_obs, h, 1.0, "aleatoric", mopo.hopper_done)  # noqa: E731
-    timed(lambda: mopo.rollout(actor, dynamics, start_obs[:4096], h, 1.0, "aleatoric", mopo.hopper_done), device)
+    roll = lambda: mopo.rollout(sac.actor, step_fn, start_obs, h, 1.0)  # noqa: E731
+    timed(lambda: mopo.rollout(sac.actor, step_fn, start_obs[:4096], h, 1.0), device)
     seconds, (rows, _) = timed(roll, device)
     pre_made = torch.randn(len(rows), obs_dim, device=device)  # one forward row per transition the rollout made
 
     @torch.no_grad()
     def bare_rollout():
         for chunk in pre_made.split(mopo.ROLLOUT_CHUNK_CPU if device.type == "cpu" else len(pre_made)):
-            a, _ = actor.sample(chunk)
+            a, _ = sac.actor.sample(chunk)
             dynamics(chunk, a)
     bare_s, _ = timed(bare_rollout, device)
     results["rollout_round"] = {"s": seconds, "transitions": len(rows), "transitions_per_s": len(rows) / seconds,
@@ -253,17 +264,16 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     while model_buffer.size < model_buffer.capacity:
         model_buffer.add(rows)
     sample = lambda: real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))  # noqa: E731
-    update = lambda: mopo.sac_update(sample(), actor, qf, qf_target, log_alpha, *opts, margs)  # noqa: E731
+    update = lambda: mopo.sac_update(sac, opts, sample(), margs)  # noqa: E731
     fixed = sample()
     timed(update, device, 20)
     seconds, _ = timed(update, device, args.sac_updates)
-    bare_s, _ = timed(lambda: mopo.sac_update(fixed, actor, qf, qf_target, log_alpha, *opts, margs), device,
-                      args.sac_updates)
+    bare_s, _ = timed(lambda: mopo.sac_update(sac, opts, fixed, margs), device, args.sac_updates)
     results["sac_update"] = {"ms": seconds * 1e3, "bare_ms": bare_s * 1e3, "ratio_bare_over_ours": bare_s / seconds}
-    if cuda:  # main's graph path: its own modules and capturable Adams, the same update recorded once and replayed
+    if cuda:  # main's graph path: its own SAC module and capturable Adams, the same update recorded once and replayed
         with optional(results, "SAC update, CUDA graph"):
-            g_actor, *g_rest = sac_modules(obs_dim, act_dim, device, capturable=True)
-            g_update = mopo.cuda_graph(lambda: mopo.sac_update(sample(), g_actor, *g_rest[:3], *g_rest[3], margs))
+            g_sac, g_opts = sac_modules(obs_dim, act_dim, action_space, margs, device, capturable=True)
+            g_update = mopo.cuda_graph(lambda: mopo.sac_update(g_sac, g_opts, sample(), margs))
             timed(g_update, device, 20)  # 3 eager calls on a side stream, the capture, 16 replays
             g_seconds, _ = timed(g_update, device, args.sac_updates)
             results["sac_update"] |= {"graph_ms": g_seconds * 1e3, "eager_over_graph": seconds / g_seconds}
@@ -281,8 +291,7 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
                              args.rollout_freq / bare_phase, "ratio_ours_over_bare": bare_phase / seconds}
     if "graph_ms" in results["sac_update"]:  # rollouts from the graph path's actor, as in main
         with optional(results, "MOPO phase, CUDA graph"):
-            g_roll = lambda: mopo.rollout(g_actor, dynamics, start_obs, h, 1.0, "aleatoric",  # noqa: E731
-                                          mopo.hopper_done)
+            g_roll = lambda: mopo.rollout(g_sac.actor, step_fn, start_obs, h, 1.0)  # noqa: E731
             g_seconds, _ = timed(lambda: phase(g_roll, g_update), device)
             results["mopo_phase"] |= {"graph_updates_per_s": args.rollout_freq / g_seconds,
                                       "graph_over_eager": seconds / g_seconds}
@@ -291,20 +300,13 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     save("MOPO phase")
 
     # --- evaluation -------------------------------------------------------------------------------------------------
-    gauge_models = evaluation_costs(args, task, actor, dynamics, device, results)
+    evaluation_costs(args, task, sac.actor, dynamics, device, results)
     save("evaluation")
-    if gauge_models is not None and "graph_updates_per_s" in results["mopo_phase"]:  # CUDA: main's steady state
-        with optional(results, "evaluation beside training"):
-            results["beside_training"] = beside_training(args, device, lambda: phase(g_roll, g_update), *gauge_models,
-                                                         tmp)
-        save("evaluation beside training")
-    modules = {"dynamics": dynamics, "actor": actor, "qf": qf, "qf_target": qf_target, "q_opt": opts[0],
-               "actor_opt": opts[1], "alpha_opt": opts[2]}
-    checkpoint = lambda: mopo.atomic_save(tmp / "checkpoint.pt", {  # what main's policy checkpoint holds  # noqa: E731
-        "phase": "policy", "step": 0, "args": asdict(margs), "results": {}, "data_fingerprint": [real.size, 0.0],
-        **{k: v.state_dict() for k, v in modules.items()}, "log_alpha": log_alpha.detach(),
-        "model_buffer": (model_buffer.data[: model_buffer.size], model_buffer.ptr, model_buffer.size),
-        "rng": mopo.rng_state(device)})
+    header = {"args": asdict(margs), "data_fingerprint": [real.size, 0.0], "phase": "policy",  # main's checkpoint
+              "dynamics": dynamics.state_dict(), "results": {}}
+    checkpoint = lambda: mopo.save_checkpoint(tmp, header | {  # noqa: E731 - save_checkpoint adds the RNG states
+        "step": 0, "sac": sac.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
+        "model_buffer": model_buffer.state_dict()})
     seconds, _ = timed(checkpoint, device)
     results["checkpoint"] = {"s": seconds, "model_buffer_rows": model_buffer.size,
                              "mb": (tmp / "checkpoint.pt").stat().st_size / 2**20}
@@ -317,21 +319,21 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
         with optional(results, "dynamics to early stopping"):
             model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
             results["dynamics_early_stop"] = train_to_early_stop(
-                model, obs, act, target, replace(margs, dynamics_max_epochs=None, cuda_graph=cuda), device,
+                model, model_rows, replace(margs, dynamics_max_epochs=None, cuda_graph=cuda), device,
                 args.early_stop_max_s)
             trained, stats = model, results["dynamics_early_stop"]["stats"] or stats
         save("dynamics to early stopping")
 
     # --- end to end: mopo.main ----------------------------------------------------------------------------------------
     e2e_epochs = args.e2e_epochs if args.e2e_epochs is not None else (20 if cuda else 0)
-    steps_per_epoch = mopo.Args().steps_per_epoch
 
     def fit_budget(epochs, updates_per_s, eval_s_per_epoch, setup_s):
-        """As many of `epochs` as end by --budget-s (each: its updates, an evaluation; setup_s before them)."""
+        """As many of `epochs` as end by --budget-s (each: its updates, its share of evaluations and checkpoints;
+        setup_s before them)."""
         if args.budget_s is None:
             return epochs
         left = args.budget_s - (time.perf_counter() - began) - setup_s - 10
-        return min(epochs, int(left / (steps_per_epoch / updates_per_s + eval_s_per_epoch)))
+        return min(epochs, int(left / (DEFAULTS.steps_per_epoch / updates_per_s + eval_s_per_epoch)))
     if e2e_epochs > 0:
         dyn_path = tmp / "dynamics.pt"
         mopo.atomic_save(dyn_path, {"state_dict": trained.state_dict(), "config": trained.config,
@@ -342,9 +344,11 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
             rate = rates.get("graph_updates_per_s", rates["updates_per_s"]) if graph else rates["updates_per_s"]
             if runs:  # evaluations, writes and setup as the first run measured them
                 g = runs[0]
-                eval_s, setup_s = (g["main_thread_evaluation_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
-            else:  # a full-length evaluation bounds hopper's
-                eval_s, setup_s = full["sync_s"] + full.get("gauge_device_s", full["gauge_cpu_s"]), 15
+                eval_s, setup_s = (g["evaluation_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
+            else:  # a full-length evaluation bounds hopper's; one every eval_freq epochs (and after the last)
+                eval_s = ((full["sync_s"] + main_gauge_s(full)) / DEFAULTS.eval_freq
+                          + results["checkpoint"]["s"] / DEFAULTS.checkpoint_freq)
+                setup_s = 15
             label = ("cuda graph" if graph else "cuda eager") if cuda else "cpu"
             epochs = fit_budget((args.e2e_eager_epochs or e2e_epochs) if label == "cuda eager" else e2e_epochs, rate,
                                 eval_s, setup_s)
@@ -361,29 +365,46 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
     return results
 
 
-def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> Optional[tuple]:
-    """Seconds per evaluation (episodes with a CPU twin of the actor, the gauge on the training modules), for hopper
-    and for full-length HalfCheetah episodes; the gauge also on CPU twins, and on CUDA eager and as a graph (as main
-    runs it there). Returns HalfCheetah's GPU actor and ensemble where the graph ran, for `beside_training`."""
-    n, models = args.eval_episodes, None
-    lam, kind = 1.0, "aleatoric"
+def seeded(fn, seed):
+    """fn() with torch's RNG seeded as `evaluate` seeds the gauge, the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def start_states(envs, seed, device):
+    """The episodes' start states, as `evaluate` resets `envs` with `seed` (the gauge's start)."""
+    obs, _ = envs.reset(seed=seed)
+    return torch.as_tensor(obs, dtype=torch.float32, device=device)
+
+
+def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
+    """Seconds per evaluation (`evaluate`'s episodes with a CPU copy of the actor, the gauge on the training modules),
+    for hopper and for full-length HalfCheetah episodes; hopper's also as one whole `evaluate` call with the gauge
+    bound as main binds it; HalfCheetah's gauge on CPU twins, and on CUDA eager and as a graph (as main runs it)."""
+    n, lam, seed, cuda = args.eval_episodes, 1.0, args.seed, device.type == "cuda"
     envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * n)
     eval_actor = copy.deepcopy(actor).cpu()
-    seconds, (episodes, start) = timed(lambda: episodes_from_reset(eval_actor, envs), device)
-    envs.close()
+    seconds, episodes = timed(lambda: mopo.evaluate(eval_actor, envs, seed), device)
+    start, step_fn = start_states(envs, seed, device), hopper_step(dynamics)
+    gauge_s, gauge = timed(lambda: seeded(lambda: mopo.model_returns(actor, step_fn, start, args.gauge_horizon, lam),
+                                          seed), device)
     out["evaluation"] = {"s": seconds, "episodes": n, "mean_return": float(episodes["return"].mean()),
-                         "steps": int(episodes["length"].sum())}
-    start = torch.as_tensor(start, dtype=torch.float32, device=device)
-    seconds, gauge = timed(lambda: mopo.model_returns(actor, dynamics, start, args.gauge_horizon, lam, kind,
-                                                      mopo.hopper_done), device)
-    out["gauge"] = {"s": seconds, "mean_model_length": float(gauge["model_length"].mean())}
+                         "steps": int(episodes["length"].sum()), "gauge_graph": cuda}
+    out["gauge"] = {"s": gauge_s, "mean_model_length": float(gauge["model_length"].mean())}
+    with optional(out, "whole evaluation, as main"):  # evaluate hands the gauge the reset states, as in main
+        main_gauge = functools.partial(mopo.model_returns, actor, step_fn, horizon=args.gauge_horizon, lam=lam,
+                                       graph=cuda)
+        out["evaluation"]["with_gauge_s"], _ = timed(lambda: mopo.evaluate(eval_actor, envs, seed, main_gauge), device)
+    envs.close()
 
     # full length: HalfCheetah never terminates, so 10 × 1000 env steps whatever the policy, and 1000 model steps
     hc = mopo.make_task("halfcheetah-medium-v2")
     envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(hc)] * n)
     hc_obs, hc_act = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     hc_actor = mopo.Actor(hc_obs, hc_act, envs.single_action_space.low, envs.single_action_space.high)  # CPU
-    seconds, (episodes, start) = timed(lambda: episodes_from_reset(hc_actor, envs), device)
+    seconds, episodes = timed(lambda: mopo.evaluate(hc_actor, envs, seed), device)
+    start = start_states(envs, seed, torch.device("cpu"))
     envs.close()
     env_steps, vector_steps = int(episodes["length"].sum()), int(episodes["length"].max())
     full = {"sync_s": seconds, "episodes": n, "env_steps": env_steps, "sync_us_per_env_step": seconds / env_steps * 1e6,
@@ -394,21 +415,22 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> Optional
             began = time.perf_counter()
             envs = gym.vector.AsyncVectorEnv([functools.partial(mopo.make_env, hc)] * n, context="forkserver")
             startup = time.perf_counter() - began
-            seconds, (a_episodes, _) = timed(lambda: episodes_from_reset(hc_actor, envs), device)
+            seconds, a_episodes = timed(lambda: mopo.evaluate(hc_actor, envs, seed), device)
             envs.close()
             full |= {"async_s": seconds, "async_startup_s": startup, "async_env_steps": int(a_episodes["length"].sum())}
-    hc_dynamics = mopo.EnsembleDynamics(hc_obs, hc_act)
+    hc_dynamics = mopo.EnsembleDynamics(hc_obs, hc_act).eval()
     with torch.no_grad():
         hc_dynamics.mean_head.weight.zero_()  # Δs = noise only: 1000 steps stay finite; the same compute
-    start = torch.as_tensor(start, dtype=torch.float32)
 
     def gauge(actor, model, s0, horizon=args.gauge_horizon, graph=False):
-        return mopo.model_returns(actor, model, s0, horizon, lam, kind, mopo.halfcheetah_done, graph=graph)
+        step_fn = functools.partial(mopo.model_step, model, penalty_kind="aleatoric",
+                                    termination_fn=mopo.halfcheetah_done)
+        return seeded(lambda: mopo.model_returns(actor, step_fn, s0, horizon, lam, graph=graph), seed)
     gauge(hc_actor, hc_dynamics, start, 5)  # warm-up
     seconds, g = timed(lambda: gauge(hc_actor, hc_dynamics, start), device)
     model_steps = int(g["model_length"].max())
     full |= {"gauge_cpu_s": seconds, "gauge_steps": model_steps, "gauge_cpu_ms_per_step": seconds / model_steps * 1e3}
-    if device.type == "cuda":  # the gauge on the training modules instead of CPU twins
+    if cuda:  # the gauge on GPU modules, as main's training modules, instead of CPU twins
         with optional(out, "gauge on the GPU"):
             d_actor, d_dynamics, d_start = copy.deepcopy(hc_actor).to(device), hc_dynamics.to(device), start.to(device)
             gauge(d_actor, d_dynamics, d_start, 5)  # warm-up
@@ -417,93 +439,36 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> Optional
         with optional(out, "gauge as a CUDA graph"):  # as main runs it with --cuda-graph: one graph per evaluation
             gauge(d_actor, d_dynamics, d_start, graph=True)  # warm-up
             seconds, _ = timed(lambda: gauge(d_actor, d_dynamics, d_start, graph=True), device)
-            sync(device)
-            began = time.perf_counter()
-            gauge(d_actor, d_dynamics, d_start, graph=True)
-            launch_s = time.perf_counter() - began  # what main's thread spends: the GPU runs the rest between updates
-            sync(device)
-            full |= {"gauge_graph_s": seconds, "gauge_graph_ms_per_step": seconds / args.gauge_horizon * 1e3,
-                     "gauge_graph_launch_s": launch_s}
-            models = d_actor, d_dynamics
+            full |= {"gauge_graph_s": seconds, "gauge_graph_ms_per_step": seconds / args.gauge_horizon * 1e3}
     out["evaluation_full_length"] = full
-    return models
 
 
-def episodes_from_reset(actor, envs, seed=0):
-    """An evaluation's episodes as `Evaluator.start` runs them: reset with the seed, then `evaluate` from there."""
-    obs, _ = envs.reset(seed=seed)
-    return mopo.evaluate(actor, envs, obs), torch.as_tensor(obs, dtype=torch.float32)
+def main_gauge_s(full: dict) -> float:
+    """The full-length gauge as main runs it: a CUDA graph on CUDA (its default), else on the training modules."""
+    return full.get("gauge_graph_s", full.get("gauge_device_s", full["gauge_cpu_s"]))
 
 
-def beside_training(args, device, epoch, actor, dynamics, tmp, repeat=3) -> dict:
-    """One steady-state epoch as main runs it on CUDA with full-length evaluations: `epoch` (a rollout round and 1,000
-    graph-replayed updates) alone; `mopo.Evaluator`'s evaluation alone (HalfCheetah: 10 × 1000 env steps in its
-    thread with a CPU copy of the actor, the gauge as a CUDA graph on `actor` and `dynamics`); and both, the
-    evaluation started as the epoch starts and waited for after it, as main waits at the next evaluation. Medians
-    of `repeat`, after one warm-up of each."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    hc = mopo.make_task("halfcheetah-medium-v2")
-    writer = SummaryWriter(str(tmp / "beside_training"))
-    evaluator = mopo.Evaluator(hc, mopo.Args(eval_episodes=args.eval_episodes, seed=args.seed), actor, dynamics, 1.0,
-                               True, writer, {"evaluations": []}, tmp)
-
-    def evaluation():
-        evaluator.start(0, 0)
-        evaluator.record()
-
-    def both():
-        evaluator.start(0, 0)
-        epoch()
-        evaluator.record()
-
-    def both_at_default_switch_interval():  # Evaluator's 0.1 ms switch interval undone, for comparison
-        set_interval = sys.setswitchinterval
-        sys.setswitchinterval = lambda interval: None
-        try:
-            both()
-        finally:
-            sys.setswitchinterval = set_interval
-    out = {"switch_interval_s": sys.getswitchinterval()}
-    for name, fn in (("epoch_alone_s", epoch), ("evaluation_alone_s", evaluation), ("epoch_beside_evaluation_s", both),
-                     ("epoch_beside_evaluation_default_switch_s", both_at_default_switch_interval)):
-        fn()
-        out[name + "_all"] = [timed(fn, device)[0] for _ in range(repeat)]
-        out[name] = statistics.median(out[name + "_all"])
-    evaluator.close()
-    writer.close()
-    out["evaluation_cost_beside_s"] = out["epoch_beside_evaluation_s"] - out["epoch_alone_s"]
-    out["evaluation_cost_beside_default_switch_s"] = (out["epoch_beside_evaluation_default_switch_s"]
-                                                      - out["epoch_alone_s"])
-    return out
-
-
-class Deadline:
-    """Truthy once its time is up: passed as train_dynamics' `sigterm`, it stops the training at that minibatch."""
-
-    def __init__(self, seconds):
-        self.end = time.perf_counter() + seconds
-
-    def __bool__(self):
-        return time.perf_counter() > self.end
+def gauge_path(full: dict) -> str:
+    return "cuda graph" if "gauge_graph_s" in full else "cuda eager" if "gauge_device_s" in full else "cpu"
 
 
 class OutOfTime(Exception):
     pass
 
 
-def train_to_early_stop(model, obs, act, target, margs, device, max_s) -> dict:
-    """train_dynamics as main runs it (early stopping, graphs on CUDA): epochs and seconds, or where max_s stops it."""
-    epochs = []
+def train_to_early_stop(model, data, margs, device, max_s) -> dict:
+    """train_dynamics as main runs it (early stopping, graphs on CUDA): epochs and seconds, or where max_s stops it
+    (at the first epoch end past it: `on_epoch`, main's checkpoint hook, raises)."""
+    epochs, end = [], time.perf_counter() + max_s
 
-    def save(state, stop):  # called after each epoch, and with stop=True once the deadline passed
-        if stop:
-            raise OutOfTime()
+    def on_epoch(state):  # after each epoch but the last
         epochs.append(state["epoch"])
+        if time.perf_counter() > end:
+            raise OutOfTime()
     sync(device)
     began = time.perf_counter()
     try:
-        stats = mopo.train_dynamics(model, obs, act, target, margs, save=save, sigterm=Deadline(max_s))
+        stats = mopo.train_dynamics(model, data, margs, on_epoch=on_epoch)
         done = True
     except OutOfTime:
         stats, done = None, False
@@ -519,12 +484,10 @@ def end_to_end(args, dataset, dyn_path, device, cuda_graph, epochs, tmp, label) 
     margs = mopo.Args(env_id="hopper-medium-v2", dataset_path=str(dataset), dynamics_path=str(dyn_path),
                       epochs=epochs, device=str(device), cuda_graph=cuda_graph,
                       rollout_batch_size=args.rollout_batch_size, seed=args.seed)
-    # (owner, name, device-synced): main's thread spends evaluation time in Evaluator.start (a copy of the actor, the
-    # env reset, the gauge's launch) and Evaluator.record (waiting for the thread and the gauge, logging); the
-    # episodes themselves (`evaluate`) run in the evaluation thread: on CUDA beside training, on the CPU in turn
-    wrapped = [(mopo, "rollout", True), (mopo, "atomic_save", True), (mopo, "evaluate", False),
-               (mopo.Evaluator, "start", False), (mopo.Evaluator, "record", False)]
-    spans = {name: [] for _, name, _ in wrapped} | {"checkpoint.pt": []}
+    # (name in mopo, device-synced): an evaluation runs in main's thread, in turn with training: `evaluate` (the
+    # episodes and the gauge) then `record` (logging, results.json)
+    wrapped = [("rollout", True), ("save_checkpoint", True), ("evaluate", True), ("record", False)]
+    spans = {name: [] for name, _ in wrapped}
 
     def wrap(name, fn, synced):
         def timed_call(*a, **k):
@@ -535,34 +498,32 @@ def end_to_end(args, dataset, dyn_path, device, cuda_graph, epochs, tmp, label) 
             if synced:
                 sync(device)
             spans[name].append((began, time.perf_counter()))
-            if name == "atomic_save" and Path(a[0]).name == "checkpoint.pt":
-                spans["checkpoint.pt"].append(spans[name][-1])
             return out
         return timed_call
     folder = Path(tempfile.mkdtemp(dir=tmp))
     cwd = os.getcwd()
     os.chdir(folder)
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in wrapped]
-    for (owner, name, synced), (_, _, fn) in zip(wrapped, originals):
-        setattr(owner, name, wrap(name, fn, synced))
+    originals = [(name, getattr(mopo, name)) for name, _ in wrapped]
+    for (name, synced), (_, fn) in zip(wrapped, originals):
+        setattr(mopo, name, wrap(name, fn, synced))
     try:
         began = time.perf_counter()
         mopo.main(margs)
         ended = time.perf_counter()
     finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
+        for name, fn in originals:
+            setattr(mopo, name, fn)
         os.chdir(cwd)
     total = lambda name: sum(b - a for a, b in spans[name])  # noqa: E731
     first_rollout = spans["rollout"][0][0]
-    checkpoint_s = sum(b - a for a, b in spans["checkpoint.pt"] if a > first_rollout)
-    main_eval_s = total("start") + total("record")
+    checkpoint_s = sum(b - a for a, b in spans["save_checkpoint"] if a > first_rollout)
+    evaluation_s = total("evaluate") + total("record")
     policy_s = ended - first_rollout
     updates = epochs * margs.steps_per_epoch
     return {"label": label, "epochs": epochs, "updates": updates, "wall_s": ended - began,
-            "setup_s": first_rollout - began, "policy_phase_s": policy_s, "evaluation_s": total("evaluate"),
-            "main_thread_evaluation_s": main_eval_s, "rollout_s": total("rollout"), "checkpoint_s": checkpoint_s,
-            "updates_per_s_excl_eval": updates / (policy_s - main_eval_s - checkpoint_s),
+            "setup_s": first_rollout - began, "policy_phase_s": policy_s, "evaluations": len(spans["evaluate"]),
+            "evaluation_s": evaluation_s, "evaluate_s": total("evaluate"), "rollout_s": total("rollout"),
+            "checkpoint_s": checkpoint_s, "updates_per_s_excl_eval": updates / (policy_s - evaluation_s - checkpoint_s),
             "updates_per_s_incl_eval": updates / policy_s, "tensorboard_last_sps": last_sps(folder)}
 
 
@@ -580,9 +541,10 @@ def last_sps(folder: Path) -> Optional[float]:
 
 
 def projection(r: dict) -> dict:
-    """A D4RL-sized run from the measured parts (FULL_RUN); E = dynamics epochs."""
+    """A D4RL-sized default run (FULL_RUN) projected from the measured parts, not measured itself; E = dynamics
+    epochs. Evaluations run in turn with training: each costs a whole evaluation (full-length episodes + gauge)."""
     full, dyn = r["evaluation_full_length"], r["dynamics_epoch"]
-    gauge_s = full.get("gauge_graph_s", full.get("gauge_device_s", full["gauge_cpu_s"]))  # as main gauges
+    gauge_s = main_gauge_s(full)
     graph = "graph_updates_per_s" in r["mopo_phase"]  # as main runs it: with CUDA graphs where they ran
     updates_per_s = r["mopo_phase"]["graph_updates_per_s" if graph else "updates_per_s"]
     epoch_s = dyn["s"]
@@ -590,18 +552,14 @@ def projection(r: dict) -> dict:
         epoch_s = dyn["graph_marginal_s"] if dyn["graph_marginal_s"] > 0 else dyn["graph_s"]
     epoch_s *= FULL_RUN["transitions"] / r["dataset_size"]
     parts = {"updates_s": FULL_RUN["updates"] / updates_per_s,
-             "evaluations_s": FULL_RUN["evaluations"] * (full["sync_s"] + gauge_s),  # in turn (CPU)
+             "evaluations_s": FULL_RUN["evaluations"] * (full["sync_s"] + gauge_s),
              "checkpoints_s": FULL_RUN["checkpoints"] * r["checkpoint"]["s"]}
-    beside = r.get("beside_training")
-    if beside:  # CUDA (D18): an evaluation costs what it adds to an epoch beside which it runs; at the 100 checkpoints
-        # main waits for the evaluation it just started, so those cost a whole evaluation
-        evals, ckpts = FULL_RUN["evaluations"], FULL_RUN["checkpoints"]
-        parts["evaluations_s"] = ((evals - ckpts) * max(0.0, beside["evaluation_cost_beside_s"])
-                                  + ckpts * beside["evaluation_alone_s"])
     fixed = sum(parts.values())
-    out = {"evaluations_beside_training": bool(beside), "updates_per_s": updates_per_s,
-           "updates_path": "cuda graph" if graph else "eager",
-           "evaluation_s": full["sync_s"], "gauge_s": gauge_s,
+    out = {"projected": "from the measured parts above, not a measured run", "epochs": FULL_RUN["epochs"],
+           "updates": FULL_RUN["updates"], "eval_freq": FULL_RUN["eval_freq"],
+           "evaluations": FULL_RUN["evaluations"], "checkpoints": FULL_RUN["checkpoints"],
+           "updates_per_s": updates_per_s, "updates_path": "cuda graph" if graph else "eager",
+           "evaluation_s": full["sync_s"], "gauge_s": gauge_s, "gauge_path": gauge_path(full),
            "checkpoint_s": r["checkpoint"]["s"], "dynamics_epoch_s_at_1M": epoch_s, **parts,
            "break_even_dynamics_epochs": max(0, math.floor((FULL_RUN["budget_s"] - fixed) / epoch_s)),
            "without_dynamics_s": fixed}
@@ -641,7 +599,7 @@ def table(r):
         f"{sac['ratio_bare_over_ours']:.2f} |",
         f"| MOPO phase incl. rollouts | {phase['updates_per_s']:.1f} updates/s | "
         f"{phase['bare_updates_per_s']:.1f} updates/s | {phase['ratio_ours_over_bare']:.2f} |",
-        f"| evaluation (10 episodes) | {r['evaluation']['s']:.2f} s | | |",
+        f"| evaluation ({r['evaluation']['episodes']} episodes) | {r['evaluation']['s']:.2f} s | | |",
         f"peak memory {r['peak_memory_mb']:.0f} MB"]
     if r["device"] != "cpu":  # eager vs CUDA graph, where the graph path ran
         lines += ["", "| loop (CUDA) | eager | CUDA graph | eager / graph |", "|---|---|---|---|"]
@@ -657,10 +615,12 @@ def table(r):
                          f"{phase['graph_updates_per_s']:.1f} updates/s | {phase['graph_over_eager']:.1f}× |")
     full, ev, g = r["evaluation_full_length"], r["evaluation"], r["gauge"]
     lines += ["", "| evaluation, as main runs it | s | steps | per step |", "|---|---|---|---|",
-              f"| hopper, {ev['episodes']} episodes, SyncVectorEnv, CPU twin | {ev['s']:.3f} | {ev['steps']} env | "
+              f"| hopper, {ev['episodes']} episodes, SyncVectorEnv, CPU copy | {ev['s']:.3f} | {ev['steps']} env | "
               f"{ev['s'] / max(ev['steps'], 1) * 1e6:.0f} µs |",
               f"| hopper gauge, training modules | {g['s']:.3f} | {g['mean_model_length']:.0f} model (mean) | |",
-              f"| halfcheetah, {full['episodes']} × 1000, SyncVectorEnv, CPU twin | {full['sync_s']:.2f} | "
+              f"| hopper, one whole `evaluate` (episodes + gauge{', CUDA graph' if ev['gauge_graph'] else ''}) | "
+              f"{ev.get('with_gauge_s', float('nan')):.3f} | | |",
+              f"| halfcheetah, {full['episodes']} × 1000, SyncVectorEnv, CPU copy | {full['sync_s']:.2f} | "
               f"{full['env_steps']} env | {full['sync_us_per_env_step']:.0f} µs ({full['sync_ms_per_vector_step']:.2f} "
               f"ms per vector step) |"]
     if "async_s" in full:
@@ -673,19 +633,8 @@ def table(r):
         lines.append(f"| gauge on the GPU modules | {full['gauge_device_s']:.2f} | {full['gauge_steps']} model | "
                      f"{full['gauge_device_ms_per_step']:.2f} ms |")
     if "gauge_graph_s" in full:
-        lines.append(f"| gauge on the GPU modules, CUDA graph (main's thread: {full['gauge_graph_launch_s']:.3f} s to "
-                     f"launch) | {full['gauge_graph_s']:.2f} | {full['gauge_steps']} model | "
-                     f"{full['gauge_graph_ms_per_step']:.3f} ms |")
-    if "beside_training" in r:
-        b = r["beside_training"]
-        lines += ["", "| one epoch on CUDA (rollout + 1,000 graph updates), full-length evaluation | s (median of 3) |",
-                  "|---|---|", f"| epoch alone | {b['epoch_alone_s']:.3f} |",
-                  f"| evaluation alone (Evaluator: episodes in its thread, gauge as a graph) | "
-                  f"{b['evaluation_alone_s']:.3f} |",
-                  f"| epoch with the evaluation beside it | {b['epoch_beside_evaluation_s']:.3f} |",
-                  f"| what the evaluation adds to the epoch | {b['evaluation_cost_beside_s']:.3f} |",
-                  f"| the same at Python's default switch interval ({b['switch_interval_s'] * 1e3:.0f} ms; Evaluator: "
-                  f"0.1 ms) | {b['evaluation_cost_beside_default_switch_s']:.3f} |"]
+        lines.append(f"| gauge on the GPU modules, CUDA graph (as main) | {full['gauge_graph_s']:.2f} | "
+                     f"{full['gauge_steps']} model | {full['gauge_graph_ms_per_step']:.3f} ms |")
     lines.append(f"| policy checkpoint ({r['checkpoint']['model_buffer_rows']} model rows, "
                  f"{r['checkpoint']['mb']:.0f} MB) | {r['checkpoint']['s']:.2f} | | |")
     if "dynamics_early_stop" in r:
@@ -695,31 +644,31 @@ def table(r):
                      f"s/epoch){cut}")
     if r.get("end_to_end"):
         lines += ["", "| mopo.main, hopper | epochs | wall | setup | policy phase | updates/s excl. eval | "
-                  "main's thread in evaluation per epoch | checkpoints | TensorBoard SPS |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "evaluations (in turn) | checkpoints | TensorBoard SPS |", "|---|---|---|---|---|---|---|---|---|"]
         for e in r["end_to_end"]:
             lines.append(f"| {e['label']} | {e['epochs']} | {e['wall_s']:.1f} s | {e['setup_s']:.1f} s | "
-                         f"{e['policy_phase_s']:.1f} s | {e['updates_per_s_excl_eval']:.0f} | "
-                         f"{e['main_thread_evaluation_s'] / e['epochs']:.2f} s | {e['checkpoint_s']:.1f} s | "
+                         f"{e['policy_phase_s']:.1f} s | {e['updates_per_s_excl_eval']:.0f} | {e['evaluations']} × "
+                         f"{e['evaluation_s'] / max(e['evaluations'], 1):.2f} s | {e['checkpoint_s']:.1f} s | "
                          f"{e['tensorboard_last_sps']} |")
     if "end_to_end_skipped" in r:
         lines.append(f"end-to-end skipped: {r['end_to_end_skipped']}")
     p = r["projection"]
-    lines += ["", "| full run (1M transitions, 1M updates) | from | projected |", "|---|---|---|",
-              f"| updates incl. rollouts | 1M / {p['updates_per_s']:.0f} updates/s ({p['updates_path']}) | "
-              f"{hm(p['updates_s'])} |",
-              (f"| evaluations, 1000 × 10 full-length episodes + gauge, beside training | 900 × what one adds to "
-               f"an epoch + 100 × alone (at checkpoints) | {hm(p['evaluations_s'])} |"
-               if p["evaluations_beside_training"] else
-               f"| evaluations, 1000 × 10 full-length episodes + gauge | 1000 × ({p['evaluation_s']:.2f} + "
-               f"{p['gauge_s']:.2f}) s | {hm(p['evaluations_s'])} |"),
-              f"| checkpoints, 100 | 100 × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
+    lines += ["", f"| full run, projected from the measured parts (1M transitions, {p['epochs']} epochs, "
+              f"{p['updates']:,} updates) | from | projected |", "|---|---|---|",
+              f"| updates incl. rollouts | {p['updates']:,} / {p['updates_per_s']:.0f} updates/s "
+              f"({p['updates_path']}) | {hm(p['updates_s'])} |",
+              f"| evaluations, {p['evaluations']} (every {p['eval_freq']} epochs, in turn with training) × "
+              f"({r['evaluation_full_length']['episodes']} full-length episodes + gauge) | {p['evaluations']} × "
+              f"({p['evaluation_s']:.2f} + {p['gauge_s']:.2f} ({p['gauge_path']})) s | {hm(p['evaluations_s'])} |",
+              f"| checkpoints, {p['checkpoints']} (every {DEFAULTS.checkpoint_freq} epochs, first and last) | "
+              f"{p['checkpoints']} × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
     if "early_stop_epochs" in p:
         lines += [f"| dynamics, {p['early_stop_epochs']} epochs (early stop on the generated data"
                   f"{'' if p['early_stopped'] else ', not reached'}) | × {p['dynamics_epoch_s_at_1M']:.2f} s per "
                   f"1M-row epoch | {hm(p['dynamics_s'])} |", f"| total | | {hm(p['total_s'])} |"]
-    lines.append(f"without the dynamics {hm(p['without_dynamics_s'])}; dynamics epochs that still fit 30 min: "
-                 f"{p['break_even_dynamics_epochs']} (at {p['dynamics_epoch_s_at_1M']:.2f} s per 1M-row epoch)")
+    lines.append(f"projected, without the dynamics {hm(p['without_dynamics_s'])}; dynamics epochs that still fit "
+                 f"30 min: {p['break_even_dynamics_epochs']} (at {p['dynamics_epoch_s_at_1M']:.2f} s per 1M-row "
+                 f"epoch)")
     for part, error in r.get("errors", {}).items():
         lines.append(f"FAILED: {part}: {error}")
     return "\n".join(lines)
