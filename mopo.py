@@ -86,7 +86,7 @@ class Args:
 
     # data
     env_id: str = "hopper-medium-v2"
-    """a D4RL task ({halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2),
+    """D4RL task ({halfcheetah,hopper,walker2d,ant}-{random,medium,medium-replay,medium-expert,expert,full-replay}-v2),
     a Minari id (mujoco/hopper/medium-v0), or with --dataset-path a gymnasium MuJoCo id (raw returns)"""
     dataset_path: Optional[str] = None
     """a local hdf5 in D4RL layout; `--env-id` still names the task"""
@@ -287,7 +287,8 @@ def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: 
                               "actions": np.concatenate([e.actions for e in eps]),
                               "rewards": np.concatenate([e.rewards for e in eps]),
                               "next_observations": np.concatenate([e.observations[1:] for e in eps]),
-                              "terminals": np.concatenate([e.terminations for e in eps])}, task.env_id, obs_dim, act_dim)
+                              "terminals": np.concatenate([e.terminations for e in eps])}, task.env_id, obs_dim,
+                             act_dim)
     if task.file_name is None:
         raise ValueError(f"--env-id {task.env_id} is not a D4RL task, so it needs --dataset-path")
     path = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser() / task.file_name  # d4rl's cache
@@ -514,6 +515,12 @@ def select_elites(model: EnsembleDynamics, obs, act, target):
     return mse
 
 
+def model_data(real: ReplayBuffer) -> tuple:
+    """D1: the model's inputs (s, a) and targets [r, Δs] from every real transition."""
+    obs, act, rew, next_obs, _ = real.split(real.data[: real.size])
+    return obs, act, torch.cat([rew[:, None], next_obs - obs], dim=1)
+
+
 def shuffled(boot):
     return boot.gather(1, torch.rand(boot.shape, device=boot.device).argsort(dim=1))  # each member its own order
 
@@ -622,7 +629,7 @@ def model_step(model: EnsembleDynamics, obs, act, penalty_kind: str, termination
     rew, next_obs = sample[:, 0], obs + sample[:, 1:]
     done = termination_fn(obs, act, next_obs)  # [B] bool
     if not rew.shape == u.shape == done.shape == (len(obs),):
-        raise ValueError(f"model step: reward {rew.shape}, penalty {u.shape}, done {done.shape}; expected ({len(obs)},)")
+        raise ValueError(f"model step: reward {rew.shape}, penalty {u.shape}, done {done.shape}; not ({len(obs)},)")
     return rew, u, next_obs, done
 
 
@@ -807,7 +814,6 @@ def summarize(task: Task, episodes: dict) -> dict:
 def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int, gauge: Optional[Callable] = None) -> dict:
     """A deterministic episode per sub-env from envs.reset(seed), `actor` on the CPU (no GPU round trip per step).
     `gauge`: the model's episodes from the same states (D17), its noise from `seed`, training's RNG untouched."""
-
     obs, _ = envs.reset(seed=seed)
     returns, lengths, running = np.zeros(envs.num_envs), np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
     episodes = {}
@@ -827,7 +833,8 @@ def evaluate(actor: Actor, envs: gym.vector.VectorEnv, seed: int, gauge: Optiona
 RESULT_KEYS = ("return", "return_std", "normalized_score", "normalized_score_std")  # results.json: final_{key}
 
 
-def check_args(args: Args) -> None:
+def check_args(args: Args) -> torch.device:
+    """One clear line per bad flag, before anything is loaded; returns the device."""
     lowest = {"lam": 0, "epochs": 0} | {k: 1 for k in (
         "rollout_length", "dynamics_max_epochs", "num_ensemble", "num_elites", "batch_size", "dynamics_batch_size",
         "rollout_batch_size", "rollout_freq", "model_retain_epochs", "steps_per_epoch", "eval_freq", "eval_episodes",
@@ -842,15 +849,13 @@ def check_args(args: Args) -> None:
                         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}")]:
         if not ok:
             raise ValueError(message)
-
-
-def pick_device(name: str) -> torch.device:
     try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+        raise ValueError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device; use --device cpu")
     return device
 
 
@@ -1006,27 +1011,22 @@ def make_writer(args: Args, run_dir: Path, purge_step: Optional[int]) -> Summary
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, name=run_dir.name,
                    config=vars(args), id=run_dir.name, resume="allow", save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
-
-
-def model_data(real: ReplayBuffer) -> tuple:
-    obs, act, rew, next_obs, _ = real.split(real.data[: real.size])
-    return obs, act, torch.cat([rew[:, None], next_obs - obs], dim=1)
 
 
 def main(args: Args) -> dict:
     previous = on_signals(lambda signum, _: stop(None, signum))  # while the data loads, a signal stops the run at once
     try:
         args, ckpt = read_checkpoint(args)
-        check_args(args)
+        device = check_args(args)
         task = make_task(args.env_id)
         h, lam = rollout_length_and_lam(args, task)
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         torch.backends.cudnn.deterministic = args.torch_deterministic
-        device = pick_device(args.device)
         graph = args.cuda_graph and device.type == "cuda"
         env = make_env(task)
         real, fingerprint = load_real_data(task, args, env, device, ckpt)
@@ -1035,7 +1035,8 @@ def main(args: Args) -> dict:
                                     args.spectral_norm).to(device)
         if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
             dyn_stats = load_dynamics(args.dynamics_path, dynamics, args.env_id)
-        run_dir = ckpt["run_dir"] if ckpt else Path("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = ckpt["run_dir"] if ckpt else Path("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__"
+                                                            f"{int(time.time())}")
         run_dir.mkdir(parents=True, exist_ok=ckpt is not None)  # never write into another run's folder
         resumed = ckpt is not None and ckpt["phase"] == "policy"
         # a resumed run's TensorBoard drops what was logged after its checkpoint (model learning: per epoch)
@@ -1056,8 +1057,6 @@ def main(args: Args) -> dict:
             dyn_stats = train_dynamics(dynamics, model_data(real), args, writer, ckpt and ckpt["training"], on_epoch)
         atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
                                               "env_id": args.env_id, "stats": dyn_stats})
-
-
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
               f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
         dynamics.eval()  # only predictions from here on: rollouts and the gauge keep D16's exact σ
@@ -1082,8 +1081,9 @@ def main(args: Args) -> dict:
         on_signals(lambda signum, _: signals.append(signum))
         envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
         cpu_actor = copy.deepcopy(sac.actor).cpu()  # D14: the episodes step the envs without a GPU round trip
-        gauge = partial(model_returns, sac.actor, step_fn, horizon=env.spec.max_episode_steps or 1000, lam=lam,
-                        graph=graph) if args.gauge else None  # D17: as long as the env's episodes
+        horizon = env.spec.max_episode_steps or 1000  # D17: the gauge's episodes as long as the env's
+        gauge = (lambda s: model_returns(sac.actor, step_fn, s.to(device), horizon, lam, graph)) if args.gauge else None
+
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
             return sac_update(sac, opts, real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio)),

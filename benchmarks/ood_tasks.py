@@ -5,7 +5,7 @@ reward relabelled; the policy is evaluated in the ordinary env paying the new re
 dataset and registers the evaluation envs with gymnasium, so mopo.py runs them through gymnasium's `module:EnvId` form
 (the module is imported again on --resume):
 
-    python benchmarks/ood_tasks.py halfcheetah-jump            # writes halfcheetah_jump.hdf5 (downloads the replay data)
+    python benchmarks/ood_tasks.py halfcheetah-jump   # writes halfcheetah_jump.hdf5 (downloads the replay data)
     python mopo.py --env-id benchmarks.ood_tasks:HalfCheetah-jump-v0 --dataset-path halfcheetah_jump.hdf5 --lam 0.5
 
 Both rewards are computed from (s, a, s') with the observation layout of D4RL's files; results are raw returns.

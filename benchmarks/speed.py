@@ -393,8 +393,9 @@ def evaluation_costs(args, task, actor, dynamics, device, out: dict) -> None:
                          "steps": int(episodes["length"].sum()), "gauge_graph": cuda}
     out["gauge"] = {"s": gauge_s, "mean_model_length": float(gauge["model_length"].mean())}
     with optional(out, "whole evaluation, as main"):  # evaluate hands the gauge the reset states, as in main
-        main_gauge = functools.partial(mopo.model_returns, actor, step_fn, horizon=args.gauge_horizon, lam=lam,
-                                       graph=cuda)
+        def main_gauge(s):  # as main binds it: the start states moved to the training device
+            return mopo.model_returns(actor, step_fn, s.to(device), args.gauge_horizon, lam, cuda)
+
         out["evaluation"]["with_gauge_s"], _ = timed(lambda: mopo.evaluate(eval_actor, envs, seed, main_gauge), device)
     envs.close()
 

@@ -232,7 +232,8 @@ def test_evaluation_with_the_gauge_on_cuda_leaves_training_rng_as_it_was():
     model = mopo.EnsembleDynamics(11, 3, num_ensemble=4, num_elites=2, hidden_dim=32).to(CUDA)
     actor = mopo.Actor(11, 3, envs.single_action_space.low, envs.single_action_space.high)
     step = partial(mopo.model_step, model, penalty_kind="aleatoric", termination_fn=mopo.hopper_done)
-    gauge = partial(mopo.model_returns, copy.deepcopy(actor).to(CUDA), step, horizon=1000, lam=1.0, graph=True)
+    cuda_actor = copy.deepcopy(actor).to(CUDA)
+    gauge = lambda s: mopo.model_returns(cuda_actor, step, s.to(CUDA), 1000, 1.0, True)  # noqa: E731 - as main's
     before = torch.cuda.get_rng_state(), torch.get_rng_state()
     out = mopo.evaluate(actor, envs, 3, gauge)
     assert torch.equal(torch.cuda.get_rng_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])

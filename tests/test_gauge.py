@@ -120,12 +120,12 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
     evaluate, model_returns = mopo.evaluate, mopo.model_returns
 
     def evaluate_spy(actor, envs, seed, gauge):
-        calls["start"].append((envs.reset(seed=seed)[0].copy(), seed, gauge.keywords))
+        calls["start"].append((envs.reset(seed=seed)[0].copy(), seed))
         return evaluate(actor, envs, seed, gauge)
 
-    def model_returns_spy(actor, step_fn, start_obs, **kwargs):
-        calls["gauge"].append((start_obs.clone(), step_fn.keywords, torch.random.initial_seed()))
-        return model_returns(actor, step_fn, start_obs, **kwargs)
+    def model_returns_spy(actor, step_fn, start_obs, horizon, lam, graph):
+        calls["gauge"].append((start_obs.clone(), step_fn.keywords, (horizon, lam, graph), torch.random.initial_seed()))
+        return model_returns(actor, step_fn, start_obs, horizon, lam, graph)
     monkeypatch.setattr(mopo, "evaluate", evaluate_spy)
     monkeypatch.setattr(mopo, "model_returns", model_returns_spy)
     monkeypatch.chdir(tmp_path)
@@ -136,9 +136,9 @@ def test_run_logs_the_gauge_to_results_and_tensorboard(hopper_file, tmp_path, mo
 
     # the gauge runs from the evaluation's own start states, as long as the env's episodes, with the run's λ
     assert len(calls["gauge"]) == len(calls["start"]) == 2
-    for (start, seed, gauge), (start_obs, step, gauge_seed) in zip(calls["start"], calls["gauge"]):
+    for (start, seed), (start_obs, step, settings, gauge_seed) in zip(calls["start"], calls["gauge"]):
         assert start.shape == (3, 11) and torch.equal(start_obs, torch.as_tensor(start, dtype=torch.float32))
-        assert gauge == {"horizon": 1000, "lam": 2.0, "graph": False}
+        assert settings == (1000, 2.0, False)
         assert step == {"penalty_kind": "aleatoric", "termination_fn": mopo.hopper_done}
         assert gauge_seed == seed  # its own seed per evaluation (seed + update): training's RNG untouched
     assert [c[1] for c in calls["start"]] == [1 + 10, 1 + 20]
@@ -173,8 +173,8 @@ def test_evaluation_settings_do_not_change_training(hopper_file, tmp_path, monke
         monkeypatch.chdir(tmp_path / str(eval_freq))
         mopo.main(mopo.Args(env_id="hopper-medium-v2", dataset_path=str(hopper_file), lam=1.0, epochs=2,
                             steps_per_epoch=10, rollout_freq=10, rollout_batch_size=50, eval_episodes=2,
-                            eval_freq=eval_freq, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32, log_freq=5,
-                            device="cpu"))
+                            eval_freq=eval_freq, dynamics_max_epochs=1, dynamics_hidden_dim=32, batch_size=32,
+                            log_freq=5, device="cpu"))
         (run_dir,) = (tmp_path / str(eval_freq) / "runs").iterdir()
         weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["sac"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

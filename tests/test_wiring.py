@@ -72,7 +72,7 @@ def test_every_batch_is_real_rows_first_then_model_rows(real_ratio, tagged, monk
     keys = torch.cat([data["observations"], data["actions"]], 1)
     for obs, act, rew, next_obs, done in seen["batches"]:
         assert obs.shape == next_obs.shape == (70, OBS) and act.shape == (70, ACT) and rew.shape == done.shape == (70,)
-        idx = row_of(torch.cat([obs, act], 1), keys)  # a real row is (s, a) of the file; a model row's a is the policy's
+        idx = row_of(torch.cat([obs, act], 1), keys)  # real: (s, a) of the file; a model row's a is the policy's
         assert (idx[:n_real] >= 0).all() and (idx[n_real:] == -1).all()
         real = idx[:n_real]
         assert torch.equal(rew[:n_real], data["rewards"][real])  # each column from its own key
