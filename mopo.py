@@ -233,8 +233,10 @@ def minari_task(env_id: str) -> Task:
                 meta.get("ref_max_score"), minari_id=env_id)
 
 
-def download(url: str, part: Path) -> None:
-    part.parent.mkdir(parents=True, exist_ok=True)
+def download(url: str, path: Path) -> Path:
+    """One attempt into a .part file of this process, returned; a failure or an interruption leaves nothing."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")  # two runs filling one cache write apart
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0) or None
@@ -246,9 +248,10 @@ def download(url: str, part: Path) -> None:
     except BaseException as e:  # a network error, Ctrl-C or SIGTERM: no file left behind
         part.unlink(missing_ok=True)
         if isinstance(e, (OSError, http.client.HTTPException)):
-            raise ConnectionError(f"could not download {url} ({e!r}); run again, place the file at "
-                                  f"{part.with_suffix('')} by hand, or pass --dataset-path") from e
+            raise ConnectionError(f"could not download {url} ({e!r}); run again, place the file at {path} by hand, "
+                                  f"or pass --dataset-path") from e
         raise
+    return part
 
 
 def load_dataset(path: Path, obs_dim: int, act_dim: int) -> dict:
@@ -267,7 +270,8 @@ def check_dataset(data: dict, source, obs_dim: int, act_dim: int) -> dict:
         raise ValueError(f"{source} lacks key(s) {missing}; a D4RL-layout file needs {list(DATA_KEYS)}")
     n = len(data["observations"])
     for key, shape in zip(DATA_KEYS, [(n, obs_dim), (n, act_dim), (n,), (n, obs_dim), (n,)]):
-        data[key] = np.asarray(data[key], dtype=np.float32)
+        value = np.asarray(data[key], dtype=np.float32)
+        data[key] = value.reshape(len(value), -1).squeeze(-1) if len(shape) == 1 else value  # [N, 1] → [N]
         if data[key].shape != shape:
             raise ValueError(f"{source}: {key} has shape {data[key].shape}, expected {shape} (a row per transition, "
                              f"this env's dims); does --env-id match the data?")
@@ -297,8 +301,8 @@ def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: 
             return load_dataset(path, obs_dim, act_dim)
         except ValueError as e:  # never train on a damaged cache entry
             raise ValueError(f"{e}; the cached file is damaged: rm {path} and run again to download it") from None
-    part, url = path.with_name(path.name + ".part"), D4RL_URL.format(file=task.file_name)
-    download(url, part)
+    url = D4RL_URL.format(file=task.file_name)
+    part = download(url, path)
     try:
         data = load_dataset(part, obs_dim, act_dim)
     except ValueError as e:
@@ -335,7 +339,7 @@ class ReplayBuffer:
         return obs, act, rew.squeeze(1), next_obs, done.squeeze(1)  # rew, done: [n]
 
     def state_dict(self) -> dict:
-        return {"rows": self.data[: self.size], "ptr": self.ptr}
+        return {"rows": self.data[: self.size].clone(), "ptr": self.ptr}  # a view would save every row's storage
 
     def load_state_dict(self, state: dict) -> None:
         self.data[: len(state["rows"])] = state["rows"].to(self.data.device)
@@ -476,6 +480,12 @@ def adam(params, lr: float, device: torch.device, capturable: bool = False) -> t
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A saved state under this run's flags: a checkpoint written on the CPU may resume as a CUDA graph's."""
+    flags = [{k: g[k] for k in ("capturable", "fused")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state | {"param_groups": [g | f for g, f in zip(state["param_groups"], flags)]})
+
+
 def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -553,7 +563,7 @@ def train_dynamics(model: EnsembleDynamics, data: tuple, args, writer=None, stat
     else:  # a checkpoint's, loaded on the CPU
         state = {k: [x.to(obs.device) for x in v] if k == "snapshot" else v.to(obs.device) if torch.is_tensor(v)
                  else v for k, v in state.items()}
-        optimizer.load_state_dict(state.pop("optimizer"))
+        load_optimizer(optimizer, state.pop("optimizer"))
     hold, n_batches = state["hold"], -(-state["boot"].shape[1] // B)
 
     def fit(idx):  # one Adam step; idx [E, B]: each member its own bootstrap rows
@@ -856,6 +866,8 @@ def check_args(args: Args) -> torch.device:
         raise ValueError(f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    if device.type == "cuda":  # CUDA graphs, their streams and the RNG state saved are the current device's
+        torch.cuda.set_device(device)
     return device
 
 
@@ -865,7 +877,8 @@ class Progress(tqdm):
     def __init__(self, desc: str, total: Optional[int], unit: str, initial: int = 0, every: float = 60.0):
         self.plain = not sys.stdout.isatty()
         plain = dict(file=sys.stdout, mininterval=every, maxinterval=every, miniters=0, leave=False,
-                     bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s [{elapsed}, {rate_fmt}{postfix}]")
+                     bar_format=f"{{desc}}: {{n_fmt}}/{{total_fmt}} {unit if unit == 'B' else unit + 's'} "
+                                "[{elapsed}, {rate_fmt}{postfix}]")
         super().__init__(desc=desc, total=total, initial=initial, unit=unit, unit_scale=unit == "B",
                          **(plain if self.plain else {}))
 
@@ -903,9 +916,9 @@ def record(writer: SummaryWriter, results: dict, run_dir: Path, summary: dict, e
     atomic_save(run_dir / "results.json", results)
 
 
-def load_file(path: Path, keys: tuple, fix: str) -> dict:
+def load_file(path: Path, keys: tuple, fix: str, weights_only: bool = True) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=path.name != "checkpoint.pt")  # it holds RNG states
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many kinds for a truncated, empty or foreign file
         detail = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]  # torch's first sentence
 
@@ -937,7 +950,7 @@ def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
     fix = "--resume takes a run folder or its checkpoint.pt; start afresh without it"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {fix}")
-    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix)
+    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix, weights_only=False)  # RNG states
     try:
         saved = Args(**ckpt["args"])
     except TypeError as e:
@@ -951,21 +964,21 @@ def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
 def save_checkpoint(run_dir: Path, state: dict) -> None:
     atomic_save(run_dir / "checkpoint.pt", state | {"rng": {
         "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}})
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}})  # the current device's
 
 
 def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def restore(ckpt: dict, sac: SAC, opts: dict, model_buffer: ReplayBuffer) -> int:
     sac.load_state_dict(ckpt["sac"])
     for k, o in opts.items():
-        o.load_state_dict(ckpt["optimizers"][k])
+        load_optimizer(o, ckpt["optimizers"][k])
     model_buffer.load_state_dict(ckpt["model_buffer"])
     restore_rng(ckpt["rng"])
     print(f"resumed {ckpt['run_dir']} at update {ckpt['step']}")
@@ -979,7 +992,7 @@ def on_signals(handler) -> dict:
 def stop(run_dir: Optional[Path], signum: int, where: str = "the last finished model epoch") -> None:
     ckpt = run_dir and run_dir / "checkpoint.pt"
     print(f"{signal.Signals(signum).name}: " + (f"checkpoint at {where} in {ckpt}; continue with --resume {run_dir}"
-                                                 if ckpt and ckpt.is_file() else "stopped before any checkpoint"))
+                                                 if ckpt and ckpt.is_file() else "stopped; nothing new was saved"))
     raise SystemExit(143)
 
 
@@ -1040,12 +1053,10 @@ def main(args: Args) -> dict:
                                                             f"{int(time.time())}")
         run_dir.mkdir(parents=True, exist_ok=ckpt is not None)  # never write into another run's folder
         resumed = ckpt is not None and ckpt["phase"] == "policy"
-        # a resumed run's TensorBoard drops what was logged after its checkpoint (model learning: per epoch)
-        writer = make_writer(args, run_dir, ckpt["step"] if resumed else ckpt and ckpt["training"]["epoch"] + 1)
+        writer = make_writer(args, run_dir, ckpt["step"] + 1 if resumed else None)  # a resume drops later events
         header = {"args": asdict(args), "data_fingerprint": fingerprint}
 
         # Model learning (Alg. 2, line 1): independent of λ, h and SAC, so it can be trained once and reused.
-        on_signals(lambda signum, _: stop(run_dir, signum))  # a signal stops it at once; it resumes from an epoch end
         if resumed:
             dyn_stats = ckpt["results"]["dynamics"]
             dynamics.load_state_dict(ckpt["dynamics"])
@@ -1053,9 +1064,12 @@ def main(args: Args) -> dict:
             if ckpt is not None:  # stopped during model learning
                 dynamics.load_state_dict(ckpt["dynamics"])
                 restore_rng(ckpt["rng"])
+            log = SummaryWriter(str(run_dir / "dynamics"), purge_step=ckpt and ckpt["training"]["epoch"] + 1)
+            on_signals(lambda signum, _: log.close() or stop(run_dir, signum))  # at once; resumes from an epoch end
             on_epoch = lambda training: save_checkpoint(run_dir, header | {  # noqa: E731
                 "phase": "dynamics", "dynamics": dynamics.state_dict(), "training": training})
-            dyn_stats = train_dynamics(dynamics, model_data(real), args, writer, ckpt and ckpt["training"], on_epoch)
+            dyn_stats = train_dynamics(dynamics, model_data(real), args, log, ckpt and ckpt["training"], on_epoch)
+            log.close()
         atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
                                               "env_id": args.env_id, "stats": dyn_stats})
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
@@ -1077,14 +1091,13 @@ def main(args: Args) -> dict:
             "step": step, "sac": sac.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
             "model_buffer": model_buffer.state_dict()})
         start_step = restore(ckpt, sac, opts, model_buffer) if resumed else 0
-        save(start_step)
         signals = []  # from here a signal checkpoints at the update it lands on, then stops the run
         on_signals(lambda signum, _: signals.append(signum))
+        save(start_step)
         envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
         cpu_actor = copy.deepcopy(sac.actor).cpu()  # D14: the episodes step the envs without a GPU round trip
         horizon = env.spec.max_episode_steps or 1000  # D17: the gauge's episodes as long as the env's
         gauge = (lambda s: model_returns(sac.actor, step_fn, s.to(device), horizon, lam, graph)) if args.gauge else None
-
 
         def update() -> dict:  # Alg. 2, line 8: one SAC step on a batch of real and model rows (D10)
             return sac_update(sac, opts, real.split(sample_mixed(real, model_buffer, args.batch_size, args.real_ratio)),
@@ -1113,7 +1126,7 @@ def main(args: Args) -> dict:
                 cpu_actor.load_state_dict(sac.actor.state_dict())
                 episodes = evaluate(cpu_actor, envs, args.seed + global_step, gauge)
                 record(writer, results, run_dir, summarize(task, episodes), epoch, global_step)
-            if checkpoint_now:
+            if checkpoint_now or signals:  # a signal may have come during the evaluation
                 save(global_step)
             if signals:
                 writer.close()

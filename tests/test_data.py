@@ -1,5 +1,6 @@
 """D4RL loading (D12): layout, cache, download through file:// and a loopback HTTP server, clear errors."""
 import functools
+import os
 import http.server
 import threading
 
@@ -58,10 +59,10 @@ def test_cache_is_d4rls_own(hopper_file, tmp_path, monkeypatch):
     assert len(mopo.get_dataset(task, None, 11, 3)["rewards"]) == 2000
 
 
-def test_download_from_file_url(hopper_file, tmp_path):
-    part = tmp_path / "cache" / "hopper_medium-v2.hdf5.part"
-    mopo.download(hopper_file.as_uri(), part)
-    assert part.read_bytes() == hopper_file.read_bytes()
+def test_download_from_file_url_into_this_processs_own_part_file(hopper_file, tmp_path):
+    """Two runs filling one cache at once (a sweep's model jobs) must not write into the same .part file."""
+    part = mopo.download(hopper_file.as_uri(), tmp_path / "cache" / "hopper_medium-v2.hdf5")
+    assert part.read_bytes() == hopper_file.read_bytes() and part.name.endswith(f".{os.getpid()}.part")
 
 
 @pytest.fixture
@@ -90,11 +91,11 @@ def test_get_dataset_downloads_into_the_d4rl_cache_then_reuses_it(hopper_file, t
 
 def test_network_error_names_url_and_cache_path(tmp_path, http_server):
     _, url = http_server
-    part = tmp_path / "walker2d_medium-v2.hdf5.part"
+    dest = tmp_path / "cache" / "walker2d_medium-v2.hdf5"
     with pytest.raises(ConnectionError, match=f"could not download .*missing.hdf5 .*place the file at "
-                                              f"{part.with_suffix('')} by hand, or pass --dataset-path"):
-        mopo.download(url.format(file="missing.hdf5"), part)
-    assert not part.exists()
+                                              f"{dest} by hand, or pass --dataset-path"):
+        mopo.download(url.format(file="missing.hdf5"), dest)
+    assert list(dest.parent.iterdir()) == []
 
 
 def test_wrong_obs_dim_is_a_clear_error(hopper_file):
@@ -127,3 +128,12 @@ def test_nan_in_data_is_a_clear_error(tmp_path, hopper_file):
         f["rewards"][5] = np.nan
     with pytest.raises(ValueError, match="rewards holds NaN or inf"):
         mopo.load_dataset(path, 11, 3)
+
+
+def test_rewards_and_terminals_as_columns_are_accepted(hopper_file, tmp_path):
+    path = tmp_path / "columns.hdf5"
+    with h5py.File(hopper_file) as src, h5py.File(path, "w") as dst:
+        for k in src:
+            dst.create_dataset(k, data=src[k][()][:, None] if k in ("rewards", "terminals") else src[k][()])
+    data = mopo.load_dataset(path, 11, 3)
+    assert data["rewards"].shape == data["terminals"].shape == (2000,)

@@ -149,7 +149,7 @@ def test_sigterm_before_the_first_epoch_ends_leaves_nothing_to_resume(hopper_fil
     signal_at_minibatch(3, signal.SIGTERM, monkeypatch)
     with pytest.raises(SystemExit) as stopped:
         mopo.main(mopo.Args(dataset_path=str(hopper_file), **FLAGS))
-    assert stopped.value.code == 143 and "SIGTERM: stopped before any checkpoint" in capsys.readouterr().out
+    assert stopped.value.code == 143 and "SIGTERM: stopped; nothing new was saved" in capsys.readouterr().out
     assert not (run_dir_of(tmp_path) / "checkpoint.pt").exists()
 
 

@@ -158,3 +158,56 @@ def test_epochs_zero_trains_and_saves_only_the_model(hopper_file, tmp_path, monk
     results = mopo.main(tiny_args(hopper_file, epochs=0))
     assert results["evaluations"] == [] and results["final_normalized_score"] is None
     assert results["dynamics"]["epochs"] == 3 and (run_dir_of(tmp_path) / "dynamics.pt").is_file()
+
+
+def test_a_signal_during_an_evaluation_still_checkpoints_at_its_update(hopper_file, tmp_path, monkeypatch, capsys):
+    """The epoch's checkpoint decision is taken before its evaluation; a SIGTERM that lands during the evaluation
+    must still leave a checkpoint at that update (else up to --checkpoint-freq epochs are lost)."""
+    evaluate = mopo.evaluate
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        out = evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(mopo, "evaluate", evaluate_then_sigterm)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        mopo.main(tiny_args(hopper_file, epochs=3, checkpoint_freq=10))  # no periodic checkpoint before the end
+    assert "SIGTERM: checkpoint at update 150" in capsys.readouterr().out
+    ckpt = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 150 and [e["step"] for e in ckpt["results"]["evaluations"]] == [150]
+
+
+def test_model_learning_logs_apart_so_an_early_policy_resume_keeps_its_curve(hopper_file, tmp_path, monkeypatch):
+    """A resume drops the TensorBoard events after its checkpoint's update; the model's per-epoch scalars live in
+    their own folder, so a resume at update 1 does not erase model epochs 2 and 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rollout, calls = mopo.rollout, []
+
+    def rollout_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(*args, **kwargs)
+    monkeypatch.setattr(mopo, "rollout", rollout_then_sigterm)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        mopo.main(tiny_args(hopper_file))
+    monkeypatch.setattr(mopo, "rollout", rollout)
+    mopo.main(mopo.Args(resume=str(run_dir_of(tmp_path))))
+    events = EventAccumulator(str(run_dir_of(tmp_path) / "dynamics"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("dynamics/holdout_mse")] == [1, 2, 3]
+    policy = EventAccumulator(str(run_dir_of(tmp_path)))
+    policy.Reload()
+    assert [e.step for e in policy.Scalars("eval/return")] == [150]
+
+
+def test_a_renamed_checkpoint_still_resumes(reference, tmp_path):
+    """What torch.load may unpickle follows the flag, not the file's name."""
+    ckpt = torch.load(reference[1] / "checkpoint.pt", weights_only=False)
+    renamed = tmp_path / "backup.pt"
+    renamed.write_bytes((reference[1] / "checkpoint.pt").read_bytes())
+    args, loaded = mopo.read_checkpoint(mopo.Args(resume=str(renamed)))
+    assert loaded["step"] == ckpt["step"] and args.seed == 7

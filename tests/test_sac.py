@@ -153,3 +153,15 @@ def test_sac_module_holds_every_parameter_and_targets_start_as_the_critics():
     assert {k.split(".")[0] for k in keys} == {"actor", "qf", "qf_target", "log_alpha"}
     assert sac.log_alpha.item() == pytest.approx(math.log(0.5))
     assert all(torch.equal(a, b) for a, b in zip(sac.qf.parameters(), sac.qf_target.parameters()))
+
+
+def test_a_loaded_optimizer_keeps_this_runs_flags():
+    """A checkpoint written on the CPU (capturable off) may resume on a GPU whose CUDA graph needs capturable Adam."""
+    setup = sac_setup()
+    update(setup)
+    saved = setup.opts["q"].state_dict()
+    assert not saved["param_groups"][0]["capturable"]
+    capturable = mopo.adam(setup.sac.qf.parameters(), 3e-4, torch.device("cpu"), capturable=True)
+    mopo.load_optimizer(capturable, saved)
+    assert all(g["capturable"] and g["fused"] for g in capturable.param_groups)
+    assert torch.equal(capturable.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
