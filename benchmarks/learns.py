@@ -58,8 +58,8 @@ class Args:
     """seeds (each gets its own ensemble, shared by its MOPO and λ = 0 runs)"""
     jobs: int = 2
     """jobs at a time (one torch thread each)"""
-    out_dir: str = "benchmarks/results/learns"
-    """where datasets, runs and the table go"""
+    out_dir: str = ""
+    """where datasets, runs and the table go (default: benchmarks/results/learns/<tasks>)"""
     epochs: int = 0
     """if > 0, overrides the task's number of epochs (for a quick look)"""
     dynamics_max_epochs: int = 0
@@ -99,7 +99,7 @@ def write_dataset(task: str, out_dir: Path, transitions: int = 0) -> tuple[Path,
 
 
 def main(args: Args) -> dict:
-    out_dir = Path(args.out_dir).resolve()
+    out_dir = Path(args.out_dir or HERE / "results" / "learns" / "+".join(args.tasks)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     behaviour, results, lock = {}, {}, threading.Lock()
     pool = ThreadPoolExecutor(args.jobs)
