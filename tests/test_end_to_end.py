@@ -33,6 +33,7 @@ def test_cli_runs_to_completion(hopper_file, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "λ = 1.0 (--lam)" in proc.stdout and "h = 5 (task default)" in proc.stdout
+    assert "\r" not in proc.stdout + proc.stderr and "dynamics: 0/3 epochs [" in proc.stdout  # no terminal: plain lines
     assert "epoch 2 step 100: return" in proc.stdout + proc.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
@@ -87,3 +88,23 @@ def test_track_starts_and_finishes_a_wandb_run(hopper_file, tmp_path, monkeypatc
                         **flags | {"epochs": 1}))
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert calls == [("init", run_dir.name), ("finish",)]
+
+
+def test_without_a_terminal_progress_is_plain_lines(capsys):
+    """A SLURM log: no carriage-return bars, a plain line at the start and then at most every `every` seconds."""
+    progress = mopo.Progress("dynamics", 3, "epoch", every=0.0)
+    for epoch in range(3):
+        progress.set_postfix(holdout_mse=f"{0.5 / (epoch + 1):.4g}", refresh=False)
+        progress.update(1)
+    progress.close()
+    out = capsys.readouterr().out
+    assert "\r" not in out and out.splitlines()[0].startswith("dynamics: 0/3 epochs [")
+    assert out.splitlines()[-1].startswith("dynamics: 3/3 epochs [") and "holdout_mse=0.1667" in out
+
+
+def test_halfcheetah_leaves_no_mujoco_log_and_prints_no_warning(tmp_path, monkeypatch, capfd):
+    """HalfCheetah-v4's XML uses MuJoCo's deprecated `settotalmass`: no warning printed, no MUJOCO_LOG.TXT written."""
+    monkeypatch.chdir(tmp_path)
+    mopo.make_env(mopo.make_task("halfcheetah-medium-v2")).close()
+    captured = capfd.readouterr()
+    assert "settotalmass" not in captured.out + captured.err and list(tmp_path.iterdir()) == []
