@@ -84,7 +84,7 @@ def test_every_batch_is_real_rows_first_then_model_rows(real_ratio, tagged, monk
         assert len(seen["starts"]) == 2 and seen["capacities"] == [N, 3 * 50 * 2]  # retain × rollout batch × h
 
 
-def test_rollouts_start_from_dataset_states_and_the_model_learns_r_and_s_prime_minus_s(tagged, monkeypatch, tmp_path):
+def test_rollouts_start_from_states_s_and_the_model_learns_r_and_delta_s(tagged, monkeypatch, tmp_path):
     path, data = tagged
     seen = spied_run(path, monkeypatch, tmp_path)
     for start in seen["starts"]:
