@@ -920,7 +920,8 @@ def load_file(path: Path, keys: tuple, fix: str, weights_only: bool = True) -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many kinds for a truncated, empty or foreign file
-        detail = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]  # torch's first sentence
+        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence; a KeyError's may be '101'
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise ValueError(f"{path} is damaged or not a torch file ({detail}); {fix}") from None
     if missing := [k for k in keys if not isinstance(obj, dict) or k not in obj]:
         raise ValueError(f"{path} lacks {missing}: not what mopo.py writes there; {fix}")
