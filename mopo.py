@@ -872,9 +872,10 @@ def check_args(args: Args) -> torch.device:
 
 
 class Progress(tqdm):
-    """tqdm's bar on a terminal; elsewhere (a SLURM log) a plain line at the start and at most once a minute."""
+    """tqdm's bar on a terminal; elsewhere (a SLURM log) a plain line at the start, then at the first update `every`
+    seconds after the last line: at least once a minute while no rollout round or evaluation takes over 15 s."""
 
-    def __init__(self, desc: str, total: Optional[int], unit: str, initial: int = 0, every: float = 60.0):
+    def __init__(self, desc: str, total: Optional[int], unit: str, initial: int = 0, every: float = 45.0):
         self.plain = not sys.stdout.isatty()
         plain = dict(file=sys.stdout, mininterval=every, maxinterval=every, miniters=0, leave=False,
                      bar_format=f"{{desc}}: {{n_fmt}}/{{total_fmt}} {unit if unit == 'B' else unit + 's'} "
@@ -1115,13 +1116,13 @@ def main(args: Args) -> dict:
                     "rollout/transitions": len(rows), "rollout/model_buffer_size": model_buffer.size},
                     global_step, checkpoint=run_dir / "checkpoint.pt")
             info = update()
+            progress.update()  # on the host only: no sync
             epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
             checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(signals)
             if global_step % args.log_freq == 0 or checkpoint_now:  # the only host syncs of the update loop
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 log_scalars(writer, {k: float(v) for k, v in info.items()} | {"charts/SPS": sps}, global_step,
                             checkpoint=run_dir / "checkpoint.pt")
-                progress.update(global_step - progress.n)
             if end_of_epoch == 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs):
                 cpu_actor.load_state_dict(sac.actor.state_dict())
                 episodes = evaluate(cpu_actor, envs, args.seed + global_step, gauge)

@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,16 @@ def test_without_a_terminal_progress_is_plain_lines(capsys):
     out = capsys.readouterr().out
     assert "\r" not in out and out.splitlines()[0].startswith("dynamics: 0/3 epochs [")
     assert out.splitlines()[-1].startswith("dynamics: 3/3 epochs [") and "holdout_mse=0.1667" in out
+
+
+def test_without_a_terminal_every_update_can_print_the_due_line(hopper_file, tmp_path, monkeypatch, capsys):
+    """Lines are due by time, so each SAC update must reach the progress line, not only each --log-freq."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mopo, "Progress", partial(mopo.Progress, every=0.0))  # a line due at every update
+    flags = {k.lstrip("-").replace("-", "_"): int(v) for k, v in zip(TINY[::2], TINY[1::2])}
+    mopo.main(mopo.Args(dataset_path=str(hopper_file), device="cpu", **flags | {"epochs": 1, "log_freq": 1000}))
+    out = capsys.readouterr().out
+    assert "\r" not in out and [f"MOPO: {n}/50 updates [" in out for n in range(51)] == [True] * 51
 
 
 def test_halfcheetah_leaves_no_mujoco_log_and_prints_no_warning(tmp_path, monkeypatch, capfd):
