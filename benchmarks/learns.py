@@ -6,7 +6,7 @@
 For each task: write a D4RL-layout dataset with uniformly random actions (benchmarks/make_dataset.py: D4RL's "random"
 recipe, 1,000-step episodes, terminals and timeouts recorded, a fixed seed), then per seed train the dynamics ensemble
 once (`mopo.py --epochs 0`) and run MOPO and MOPO with λ = 0 (plain MBPO) on that same ensemble (`--dynamics-path`).
-Jobs run `--jobs` at a time, each on one torch thread; a seed's two runs start as soon as its ensemble is saved.
+Jobs run `--jobs` at a time, each on one torch thread; a seed's two runs are queued once its ensemble is saved.
 
 halfcheetah-random is trained as D4RL's task of that name (`--env-id halfcheetah-random-v2 --dataset-path ...`): the
 published (h, λ) = (5, 0.5), D4RL's normalized score, mopo.py's default evaluation. pendulum and hopper are gymnasium
@@ -18,9 +18,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +29,9 @@ import tyro
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import mopo  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
-# D4RL's reference returns of HalfCheetah (mopo.D4RL_FAMILIES), for the data's normalized score
-HALFCHEETAH_REF = (-280.178953, 12135.0)
 # task: (gymnasium id of the data, mopo.py --env-id, transitions, mopo.py flags)
 TASKS = {
     # D4RL's halfcheetah-random recipe; 60 epochs of 1,000 updates; the dynamics capped at 100 epochs (CPU time)
@@ -59,7 +57,8 @@ class Args:
     jobs: int = 2
     """jobs at a time (one torch thread each)"""
     out_dir: str = ""
-    """where datasets, runs and the table go (default: benchmarks/results/learns/<tasks>)"""
+    """where datasets, runs and the table go (default: benchmarks/results/learns/<tasks>; with an override of
+    --epochs or --dynamics-max-epochs, learns_quick/<tasks>, so a quick look never overwrites the results)"""
     epochs: int = 0
     """if > 0, overrides the task's number of epochs (for a quick look)"""
     dynamics_max_epochs: int = 0
@@ -68,8 +67,8 @@ class Args:
     """mopo.py's --device for every job (cuda: every job on the GPU, `--jobs` of them at once)"""
 
 
-def run(cmd, cwd, log, threads):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def run(cmd, cwd, log):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -77,17 +76,15 @@ def run(cmd, cwd, log, threads):
 
 
 def run_dir(cwd, exp_name):
-    (folder,) = sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*"))
-    return folder
+    return sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*"))[-1]  # the newest: its name ends in a time
 
 
 def data_summary(task: str, returns: np.ndarray, transitions: int) -> dict:
-    out = {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "episodes": len(returns),
+    """The episodes' returns, and their D4RL normalized score where the task has reference scores (mopo.py's)."""
+    scores = mopo.summarize(mopo.make_task(TASKS[task][1]), {"return": returns})
+    out = {"mean_return": scores["return"], "std_return": scores["return_std"], "episodes": len(returns),
            "transitions": transitions}
-    if task == "halfcheetah-random":
-        low, high = HALFCHEETAH_REF
-        out["normalized_score"] = float((100 * (returns - low) / (high - low)).mean())
-    return out
+    return out | ({"normalized_score": scores["normalized_score"]} if "normalized_score" in scores else {})
 
 
 def write_dataset(task: str, out_dir: Path, transitions: int = 0) -> tuple[Path, dict]:
@@ -99,49 +96,42 @@ def write_dataset(task: str, out_dir: Path, transitions: int = 0) -> tuple[Path,
 
 
 def main(args: Args) -> dict:
-    out_dir = Path(args.out_dir or HERE / "results" / "learns" / "+".join(args.tasks)).resolve()
+    quick = args.epochs > 0 or args.dynamics_max_epochs > 0
+    out_dir = Path(args.out_dir or (Path("learns_quick") if quick else HERE / "results" / "learns")
+                   / "+".join(args.tasks)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    behaviour, results, lock = {}, {}, threading.Lock()
-    pool = ThreadPoolExecutor(args.jobs)
-    pending = []
-
     def flags(task, seed):
         _, env_id, _, extra = TASKS[task]
         extra = list(extra)
         for name, value in (("--epochs", args.epochs), ("--dynamics-max-epochs", args.dynamics_max_epochs)):
             if value > 0:
                 extra[extra.index(name) + 1] = str(value)
-        return [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", env_id, "--dataset-path",
-                str(out_dir / f"{task.replace('-', '_')}.hdf5"), "--seed", str(seed), "--device", args.device, *extra]
+        return [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", env_id, "--dataset-path", str(paths[task]),
+                "--seed", str(seed), "--device", args.device, *extra]
 
-    def policy(task, seed, variant, model):
-        name = f"{task}-{variant}-s{seed}"
-        start = time.time()
-        run(flags(task, seed) + ["--dynamics-path", str(model), "--exp-name", name]
-            + (["--lam", "0.0"] if variant == "lam0" else []), out_dir, out_dir / f"{name}.log", 1)
-        r = json.loads((run_dir(out_dir, name) / "results.json").read_text()) | {"wall_s": time.time() - start}
-        with lock:
-            results.setdefault((task, seed), {})[variant] = r
-
-    def model(task, seed):
-        name = f"{task}-model-s{seed}"
-        start = time.time()
-        run(flags(task, seed) + ["--epochs", "0", "--exp-name", name], out_dir, out_dir / f"{name}.log", 1)
+    def job(task, seed, variant, *extra) -> tuple[Path, dict]:
+        """One mopo.py run; its folder and results.json, with its wall time."""
+        name, start = f"{task}-{variant}-s{seed}", time.time()
+        run(flags(task, seed) + ["--exp-name", name, *extra], out_dir, out_dir / f"{name}.log")
         folder = run_dir(out_dir, name)
-        with lock:
-            results.setdefault((task, seed), {})["model"] = {"wall_s": time.time() - start, **json.loads(
-                (folder / "results.json").read_text())["dynamics"]}
-            pending.extend(pool.submit(policy, task, seed, v, folder) for v in ("mopo", "lam0"))
+        return folder, json.loads((folder / "results.json").read_text()) | {"wall_s": time.time() - start}
 
-    start = time.time()
+    start, paths, behaviour, results = time.time(), {}, {}, {}
     for task in args.tasks:
-        _, behaviour[task] = write_dataset(task, out_dir)
-    models = [pool.submit(model, task, seed) for task in args.tasks for seed in args.seeds]
-    for future in models:
-        future.result()
-    for future in list(pending):
-        future.result()
-    pool.shutdown()
+        paths[task], behaviour[task] = write_dataset(task, out_dir)
+    pool = ThreadPoolExecutor(args.jobs)
+    try:  # a failed job ends the benchmark: the queued ones are cancelled
+        models = {pool.submit(job, t, s, "model", "--epochs", "0"): (t, s) for t in args.tasks for s in args.seeds}
+        policies = {}
+        for future in as_completed(models):
+            (task, seed), (folder, r) = models[future], future.result()
+            results[(task, seed)] = {"model": {"wall_s": r["wall_s"], **r["dynamics"]}}
+            policies |= {pool.submit(job, task, seed, v, "--dynamics-path", str(folder), *lam): (task, seed, v)
+                         for v, lam in (("mopo", []), ("lam0", ["--lam", "0.0"]))}
+        for future, (task, seed, variant) in policies.items():
+            results[(task, seed)][variant] = future.result()[1]
+    finally:
+        pool.shutdown(cancel_futures=True)
     wall = time.time() - start
     return report(args, behaviour, results, wall, out_dir)
 

@@ -18,7 +18,6 @@ def test_halfcheetah_random_data_is_d4rls_recipe(tmp_path):
     data = mopo.load_dataset(path, 17, 6)  # mopo.py reads it as halfcheetah-random-v2's file
     assert len(data["rewards"]) == 2500
     low, high = mopo.D4RL_FAMILIES["halfcheetah"][2:]
-    assert learns.HALFCHEETAH_REF == (low, high)
     assert summary["episodes"] == 2 and summary["normalized_score"] == pytest.approx(
         100 * (summary["mean_return"] - low) / (high - low))
     (tmp_path / "again").mkdir()
