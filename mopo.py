@@ -1118,7 +1118,8 @@ def main(args: Args) -> dict:
             info = update()
             progress.update()  # on the host only: no sync
             epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
-            checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or bool(signals)
+            last = global_step == total_updates  # its checkpoint is the run's final one
+            checkpoint_now = (end_of_epoch == 0 and epoch % args.checkpoint_freq == 0) or last or bool(signals)
             if global_step % args.log_freq == 0 or checkpoint_now:  # the only host syncs of the update loop
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 log_scalars(writer, {k: float(v) for k, v in info.items()} | {"charts/SPS": sps}, global_step,
@@ -1135,7 +1136,6 @@ def main(args: Args) -> dict:
         progress.close()
         if args.save_model:
             atomic_save(run_dir / "model.pt", sac.state_dict())
-        save(total_updates)
         atomic_save(run_dir / "results.json", results)
         print(f"done in {time.time() - start_time:.0f} s: {run_dir / 'results.json'}")
         for resource in (envs, env, writer):

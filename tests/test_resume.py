@@ -3,29 +3,19 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 import tyro
 
 import mopo
-from conftest import run_signalled_at
+from conftest import comparable, run_dir_of, run_signalled_at
 
 RUN = ["--env-id", "hopper-medium-v2", "--lam", "1.0", "--seed", "7", "--epochs", "4", "--steps-per-epoch", "150",
        "--rollout-freq", "50", "--rollout-batch-size", "200", "--eval-episodes", "2", "--dynamics-max-epochs", "3",
        "--log-freq", "25", "--batch-size", "64", "--checkpoint-freq", "1", "--eval-freq", "1", "--device", "cpu",
        "--torch-deterministic"]
 # --device cpu: bit-for-bit resume is a CPU promise (main would pick CUDA where it is visible, with CUDA graphs)
-
-
-def run_dir_of(cwd):
-    (run_dir,) = (Path(cwd) / "runs").iterdir()
-    return run_dir
-
-
-def comparable(results):
-    return {k: v for k, v in results.items() if k != "run_name"}  # the folder name carries the start time
 
 
 def main_in(cwd, *cli):
@@ -58,12 +48,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference, hopper_file, t
 
 
 def test_sigterm_writes_a_checkpoint_then_resume_matches(reference, hopper_file, tmp_path, monkeypatch, capsys):
-    rollout, calls = mopo.rollout, []
+    rollout, calls, before = mopo.rollout, [], signal.getsignal(signal.SIGTERM)
 
     def rollout_then_sigterm(*args, **kwargs):  # the 5th round starts update 201, mid-epoch 2
         calls.append(1)
         if len(calls) == 5:
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # main's, not pytest's
+            assert signal.getsignal(signal.SIGTERM) is not before  # main's handler, never pytest's own
             os.kill(os.getpid(), signal.SIGTERM)
         return rollout(*args, **kwargs)
     monkeypatch.setattr(mopo, "rollout", rollout_then_sigterm)
@@ -134,9 +124,10 @@ def nan_after(n_calls, real):
 def test_nan_loss_stops_the_run_naming_step_loss_and_checkpoint(hopper_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(mopo, "sac_update", nan_after(60, mopo.sac_update))
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(FloatingPointError, match=r"non-finite losses/q_loss \(nan\) at update 75; .*checkpoint.pt"):
         mopo.main(tiny_args(hopper_file, epochs=2))
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's SIGTERM handler is gone
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's SIGTERM handler is gone
 
 
 def test_nan_penalty_stops_the_run(hopper_file, tmp_path, monkeypatch):
@@ -158,6 +149,19 @@ def test_epochs_zero_trains_and_saves_only_the_model(hopper_file, tmp_path, monk
     results = mopo.main(tiny_args(hopper_file, epochs=0))
     assert results["evaluations"] == [] and results["final_normalized_score"] is None
     assert results["dynamics"]["epochs"] == 3 and (run_dir_of(tmp_path) / "dynamics.pt").is_file()
+
+
+@pytest.mark.parametrize("epochs, steps", [(3, [0, 20, 30]), (4, [0, 20, 40])])
+def test_policy_checkpoints_every_checkpoint_freq_epochs_and_once_at_the_end(epochs, steps, hopper_file, tmp_path,
+                                                                             monkeypatch):
+    """Before the first update, every --checkpoint-freq epochs, and after the last update once (no second write of
+    the same checkpoint, which holds the whole model buffer), with every evaluation in it."""
+    saved = []
+    monkeypatch.setattr(mopo, "save_checkpoint", lambda run_dir, state: saved.append(
+        (state["step"], len(state["results"]["evaluations"]))) if state["phase"] == "policy" else None)
+    monkeypatch.chdir(tmp_path)
+    mopo.main(tiny_args(hopper_file, epochs=epochs, steps_per_epoch=10, checkpoint_freq=2, rollout_freq=10))
+    assert saved == [(step, step // 10) for step in steps]  # (update, evaluations held): one per epoch
 
 
 def test_a_signal_during_an_evaluation_still_checkpoints_at_its_update(hopper_file, tmp_path, monkeypatch, capsys):
