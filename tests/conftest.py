@@ -40,6 +40,15 @@ mopo.main(tyro.cli(mopo.Args))
 """
 
 
+def run_dir_of(cwd):
+    (run_dir,) = (Path(cwd) / "runs").iterdir()
+    return run_dir
+
+
+def comparable(results):
+    return {k: v for k, v in results.items() if k != "run_name"}  # the folder name carries the start time
+
+
 def run_signalled_at(cwd, name, at, sig, cli):
     """`python mopo.py *cli` in a new process that sends itself `sig` as its `at`-th call of `mopo.<name>` starts: a
     signal at a chosen point of the run, decided by the run itself, not by a clock."""

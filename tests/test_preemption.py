@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mopo
-from conftest import run_signalled_at
+from conftest import comparable, run_dir_of, run_signalled_at
 from test_dynamics import known_system
 
 # --- train_dynamics alone ---
@@ -70,15 +70,6 @@ FLAGS = dict(env_id="hopper-medium-v2", lam=1.0, seed=5, epochs=1, steps_per_epo
              rollout_batch_size=100, eval_episodes=2, dynamics_max_epochs=8, dynamics_hidden_dim=32, batch_size=64,
              log_freq=10, device="cpu", torch_deterministic=True)
 # 2000 rows: 400 held out, 1600 to train on: 7 minibatches of 256 per dynamics epoch
-
-
-def run_dir_of(cwd):
-    (run_dir,) = (Path(cwd) / "runs").iterdir()
-    return run_dir
-
-
-def comparable(results):
-    return {k: v for k, v in results.items() if k != "run_name"}  # the folder name carries the start time
 
 
 def ensemble(run_dir):
