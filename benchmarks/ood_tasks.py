@@ -34,7 +34,8 @@ def halfcheetah_jump_reward(obs, act, next_obs):
 
 def ant_angle_reward(obs, act, next_obs):
     """r = v_xy·(cos 30°, sin 30°) − 0.5‖a‖² − 5e-4‖clip(contact forces)‖² + 1. Ant observes [qpos[2:] (13),
-    qvel (14), contact forces clipped to ±1 (84)]: v_xy = qvel[:2] = s'[13:15] after the step."""
+    qvel (14), contact forces clipped to ±1 (84)]: v_xy = qvel[:2] = s'[13:15] after the step. The contact term is
+    0 here, as in the paper's data: D4RL's ant (and mopo.py's evaluation env, D14) observes zero contact forces."""
     direction = np.array([math.cos(math.pi / 6), math.sin(math.pi / 6)])
     return (next_obs[:, 13:15] @ direction - 0.5 * np.square(act).sum(1) - 5e-4 * np.square(next_obs[:, 27:]).sum(1)
             + 1.0)

@@ -45,10 +45,10 @@ excl. eval leaves out main's time in evaluations (`evaluate` + `record`) and che
 
 Projection of a D4RL-sized default run from the measured parts (not a measured run): 1M transitions, 1,000 epochs of
 1,000 updates, an evaluation every `mopo.Args().eval_freq` epochs (200), each a whole evaluation (10 full-length
-episodes + the gauge, as `main` gauges on the device) in the training thread, a checkpoint every 10 epochs and at the
-start and the end (102), dynamics to early stopping; with `--dynamics-to-early-stop` the ensemble is also trained to
-early stopping on the generated data (its epoch count stands in for E; capped by `--early-stop-max-s`, checked at
-epoch ends).
+episodes + the gauge, as `main` gauges on the device) in the training thread, a checkpoint every 10 epochs (the
+last among them) and at the start (101), dynamics to early stopping; with `--dynamics-to-early-stop` the ensemble is
+also trained to early stopping on the generated data (its epoch count stands in for E; capped by
+`--early-stop-max-s`, checked at epoch ends; an ensemble stopped by that cap is not used).
 Peak memory: max RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA (after the loops).
 """
 
@@ -80,11 +80,11 @@ from make_dataset import make_dataset  # noqa: E402
 
 
 # D4RL-sized, at main's defaults: an evaluation every eval_freq epochs and after the last; a checkpoint every
-# checkpoint_freq epochs, one before the first update and one after the last
+# checkpoint_freq epochs and after the last, and one before the first update
 DEFAULTS, FULL_EPOCHS = mopo.Args(), 1000
 FULL_RUN = {"transitions": 1_000_000, "epochs": FULL_EPOCHS, "updates": FULL_EPOCHS * DEFAULTS.steps_per_epoch,
             "eval_freq": DEFAULTS.eval_freq, "evaluations": -(-FULL_EPOCHS // DEFAULTS.eval_freq),
-            "checkpoints": FULL_EPOCHS // DEFAULTS.checkpoint_freq + 2, "budget_s": 1800}
+            "checkpoints": -(-FULL_EPOCHS // DEFAULTS.checkpoint_freq) + 1, "budget_s": 1800}
 
 
 @dataclass
@@ -321,7 +321,8 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
             results["dynamics_early_stop"] = train_to_early_stop(
                 model, model_rows, replace(margs, dynamics_max_epochs=None, cuda_graph=cuda), device,
                 args.early_stop_max_s)
-            trained, stats = model, results["dynamics_early_stop"]["stats"] or stats
+            if results["dynamics_early_stop"]["early_stopped"]:  # else its weights are mid-training, no elites
+                trained, stats = model, results["dynamics_early_stop"]["stats"]
         save("dynamics to early stopping")
 
     # --- end to end: mopo.main ----------------------------------------------------------------------------------------
