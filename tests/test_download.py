@@ -69,7 +69,7 @@ def test_download_goes_to_the_cache_under_its_name_only_when_complete(hopper_fil
     data = mopo.get_dataset(mopo.make_task("hopper-medium-v2"), None, 11, 3)
     assert len(data["rewards"]) == 2000 and server.requests == 1
     assert (tmp_path / "hopper_medium-v2.hdf5").read_bytes() == hopper_file.read_bytes()
-    assert not (tmp_path / "hopper_medium-v2.hdf5.part").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hopper_medium-v2.hdf5"]  # no .part left beside it
 
 
 def test_dropped_connection_is_an_error_naming_url_cache_path_and_fix(hopper_file, tmp_path, monkeypatch, serve):
@@ -114,8 +114,10 @@ def test_damaged_cache_file_is_reported_never_used(hopper_file, tmp_path, monkey
 
 def test_unreachable_host_names_url_and_cache(tmp_path):
     url = "http://127.0.0.1:9/hopper_medium-v2.hdf5"  # discard port: connection refused
-    with pytest.raises(ConnectionError, match=f"could not download {url} "):
+    with pytest.raises(ConnectionError, match=f"could not download {url} .*place the file at "
+                                              f"{tmp_path / 'hopper_medium-v2.hdf5'} by hand"):
         mopo.download(url, tmp_path / "hopper_medium-v2.hdf5")
+    assert list(tmp_path.iterdir()) == []
 
 
 # mopo.py's command line with D4RL's URL pointed at a loopback server
@@ -141,7 +143,7 @@ def test_a_signal_while_the_data_downloads_stops_the_run_then(sig, hopper_file, 
     proc = subprocess.Popen([sys.executable, "-c", code, "--env-id", "hopper-medium-v2", "--epochs", "1"], cwd=tmp_path,
                             env={**os.environ, "D4RL_DATASET_DIR": str(tmp_path / "cache")}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    target += [proc.pid, sig]
+    target += [proc.pid, sig]  # long before the child's request: it first imports torch and gymnasium
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, out + err
     assert f"{sig.name}: stopped; nothing new was saved" in out and "Traceback" not in err

@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_without_a_terminal_every_update_can_print_the_due_line(hopper_file, tmp
 def test_halfcheetah_leaves_no_mujoco_log_and_prints_no_warning(tmp_path, monkeypatch, capfd):
     """HalfCheetah-v4's XML uses MuJoCo's deprecated `settotalmass`: no warning printed, no MUJOCO_LOG.TXT written."""
     monkeypatch.chdir(tmp_path)
-    mopo.make_env(mopo.make_task("halfcheetah-medium-v2")).close()
+    with warnings.catch_warnings(record=True) as caught:  # pytest's own capture would hide a Python warning
+        warnings.simplefilter("always")
+        mopo.make_env(mopo.make_task("halfcheetah-medium-v2")).close()
     captured = capfd.readouterr()
+    assert not [w for w in caught if "settotalmass" in str(w.message)]
     assert "settotalmass" not in captured.out + captured.err and list(tmp_path.iterdir()) == []

@@ -1,7 +1,5 @@
 """Termination functions (D11) agree with the gymnasium envs' own `terminated`."""
-import warnings
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -14,9 +12,7 @@ ENVS = {"hopper": ("Hopper-v4", {}), "walker2d": ("Walker2d-v4", {}), "halfcheet
 
 def visited_transitions(gym_id, kwargs, num_steps=1500, seed=0):
     """(s, a, s', terminated) from random actions, plus states with perturbed positions so both outcomes occur."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        env = gym.make(gym_id, **kwargs)
+    env = mopo.make_env(mopo.Task(gym_id, "", None, gym_id, kwargs))  # as mopo.py builds envs: no MUJOCO_LOG.TXT
     env.action_space.seed(seed)
     rng = np.random.default_rng(seed)
     rows = []
