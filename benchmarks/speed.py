@@ -662,7 +662,8 @@ def table(r):
               f"| evaluations, {p['evaluations']} (every {p['eval_freq']} epochs, in turn with training) × "
               f"({r['evaluation_full_length']['episodes']} full-length episodes + gauge) | {p['evaluations']} × "
               f"({p['evaluation_s']:.2f} + {p['gauge_s']:.2f} ({p['gauge_path']})) s | {hm(p['evaluations_s'])} |",
-              f"| checkpoints, {p['checkpoints']} (every {DEFAULTS.checkpoint_freq} epochs and before the first update) | "
+              f"| checkpoints, {p['checkpoints']} (every {DEFAULTS.checkpoint_freq} epochs and before the first "
+              "update) | "
               f"{p['checkpoints']} × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
     if "early_stop_epochs" in p:
         lines += [f"| dynamics, {p['early_stop_epochs']} epochs (early stop on the generated data"
