@@ -1,21 +1,27 @@
 """Does MOPO learn? End-to-end evidence on CPU from datasets made here (no download).
 
     python benchmarks/learns.py --tasks halfcheetah-random    # 3 seeds × (one model, MOPO, λ = 0); ~1.5 h, 2 cores
+    python benchmarks/learns.py --tasks hopper-medium --seeds 1  # one seed; the others later, into the same folder
     python benchmarks/learns.py --tasks pendulum hopper       # the earlier, short evidence (20k updates)
 
-For each task: write a D4RL-layout dataset with uniformly random actions (benchmarks/make_dataset.py: D4RL's "random"
-recipe, 1,000-step episodes, terminals and timeouts recorded, a fixed seed), then per seed train the dynamics ensemble
-once (`mopo.py --epochs 0`) and run MOPO and MOPO with λ = 0 (plain MBPO) on that same ensemble (`--dynamics-path`).
-Jobs run `--jobs` at a time, each on one torch thread; a seed's two runs are queued once its ensemble is saved.
+For each task: write a D4RL-layout dataset (benchmarks/make_dataset.py, a fixed seed: "random" = D4RL's random recipe;
+"medium" = the stochastic actions of the SAC actor committed in benchmarks/behaviour/; "medium-replay" = that actor's
+training replay buffer, written by `make_dataset.py train-behaviour --replay-out`), then per seed train the dynamics
+ensemble once (`mopo.py --epochs 0`) and run MOPO and MOPO with λ = 0 (plain MBPO) on that same ensemble
+(`--dynamics-path`). Jobs run `--jobs` at a time, each on one torch thread; a seed's two runs are queued once its
+ensemble is saved.
 
-halfcheetah-random is trained as D4RL's task of that name (`--env-id halfcheetah-random-v2 --dataset-path ...`): the
-published (h, λ) = (5, 0.5), D4RL's normalized score, mopo.py's default evaluation. pendulum and hopper are gymnasium
-tasks without reference scores (raw returns). Prints and writes table.md and summary.json; draw the curves and the
-gauge with benchmarks/plot.py (the table says the commands).
+The D4RL-named tasks train as D4RL's task of that name (`--env-id halfcheetah-medium-v2 --dataset-path ...`): the
+published (h, λ), D4RL's normalized score, mopo.py's default evaluation. pendulum and hopper are gymnasium tasks
+without reference scores (raw returns). Each finished seed's results.json files go to run_results/ at once and the
+table is rewritten; a seed whose three runs are there already is not run again, so a long benchmark can be split over
+several calls. Prints and writes table.md and summary.json; draw the curves and the gauge with benchmarks/plot.py (the
+table says the commands). Each run's gauge (D17) says whether Theorem 4.4's bound broke (D18): the table counts them.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import tyro
 
@@ -30,12 +37,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import mopo  # noqa: E402
-from make_dataset import make_dataset  # noqa: E402
+from make_dataset import make_dataset, make_medium  # noqa: E402
 
+BEHAVIOUR = HERE / "behaviour"  # the SAC actors behind the medium data, and (not committed) their replay buffers
 # task: (gymnasium id of the data, mopo.py --env-id, transitions, mopo.py flags)
 TASKS = {
     # D4RL's halfcheetah-random recipe; 60 epochs of 1,000 updates; the dynamics capped at 100 epochs (CPU time)
     "halfcheetah-random": ("HalfCheetah-v4", "halfcheetah-random-v2", 100_000, [
+        "--epochs", "60", "--dynamics-max-epochs", "100"]),
+    # D4RL's medium recipe (behaviour/*_medium_actor.pt); twice the rows, so the dynamics cap is halved: the same
+    # number of gradient steps as the random task's 100 epochs (CPU time)
+    "halfcheetah-medium": ("HalfCheetah-v4", "halfcheetah-medium-v2", 200_000, [
+        "--epochs", "60", "--dynamics-max-epochs", "50"]),
+    "hopper-medium": ("Hopper-v4", "hopper-medium-v2", 200_000, ["--epochs", "60", "--dynamics-max-epochs", "50"]),
+    # the actor's whole training replay buffer (its size: the steps it took); regenerate it with train-behaviour
+    "hopper-medium-replay": ("Hopper-v4", "hopper-medium-replay-v2", 0, [
         "--epochs", "60", "--dynamics-max-epochs", "100"]),
     # InvertedPendulum needs h = 25: random episodes end within ~6 steps, so every start state sits near the track's
     # centre, and a drifting policy fails only 20-50 steps later, which 5-step rollouts never reach.
@@ -51,7 +67,8 @@ TASKS = {
 @dataclass
 class Args:
     tasks: tuple[str, ...] = ("halfcheetah-random",)
-    """tasks to run, of: halfcheetah-random, pendulum, hopper"""
+    """tasks to run, of: halfcheetah-random, halfcheetah-medium, hopper-medium, hopper-medium-replay, pendulum,
+    hopper"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds (each gets its own ensemble, shared by its MOPO and λ = 0 runs)"""
     jobs: int = 2
@@ -65,6 +82,10 @@ class Args:
     """if > 0, overrides the task's cap on dynamics epochs (for a quick look)"""
     device: str = "cpu"
     """mopo.py's --device for every job (cuda: every job on the GPU, `--jobs` of them at once)"""
+
+
+def data_recipe(task: str) -> str:
+    return task.split("-", 1)[1] if "-" in task else "random"
 
 
 def run(cmd, cwd, log):
@@ -87,12 +108,39 @@ def data_summary(task: str, returns: np.ndarray, transitions: int) -> dict:
     return out | ({"normalized_score": scores["normalized_score"]} if "normalized_score" in scores else {})
 
 
-def write_dataset(task: str, out_dir: Path, transitions: int = 0) -> tuple[Path, dict]:
+def write_dataset(task: str, out_dir: Path, transitions: int = 0, behaviour: Path = BEHAVIOUR) -> tuple[Path, dict]:
     """The task's dataset (seed 0), with `transitions` rows if > 0, else the task's; and a summary of its episodes."""
     gym_id, _, default, _ = TASKS[task]
     path, transitions = out_dir / f"{task.replace('-', '_')}.hdf5", transitions or default
-    returns = make_dataset(path, gym_id, transitions, seed=0)
+    family, recipe = gym_id.split("-")[0].lower(), data_recipe(task)
+    if recipe == "medium":
+        returns = make_medium(path, behaviour / f"{family}_medium_actor.pt", transitions, seed=0)
+    elif recipe == "medium-replay":
+        replay = behaviour / f"{family}_medium_replay.hdf5"
+        if not replay.is_file():
+            raise FileNotFoundError(f"{replay} is missing: python benchmarks/make_dataset.py train-behaviour ... "
+                                    f"--replay-out {replay} writes it (see benchmarks/README.md)")
+        shutil.copyfile(replay, path)
+        returns, transitions = episode_returns(path), len(h5py.File(path, "r")["rewards"])
+    else:
+        returns = make_dataset(path, gym_id, transitions, seed=0)
     return path, data_summary(task, returns, transitions)
+
+
+def episode_returns(path: Path) -> np.ndarray:
+    """The returns of a file's complete episodes (each ends at a terminal or a timeout)."""
+    with h5py.File(path, "r") as f:
+        rewards, ends = f["rewards"][()], f["terminals"][()] | f["timeouts"][()]
+    return np.array([part.sum() for part in np.split(rewards, np.flatnonzero(ends) + 1)[:-1]])
+
+
+def saved_seeds(out_dir: Path) -> dict:
+    """(task, seed) → {variant: results} of the seeds whose three runs are in run_results/ (an earlier call's)."""
+    found = {}
+    for file in sorted((out_dir / "run_results").glob("*/results.json")):
+        task, variant, seed = file.parent.name.split("__")[1].rsplit("-", 2)
+        found.setdefault((task, int(seed.removeprefix("s"))), {})[variant] = json.loads(file.read_text())
+    return {key: runs for key, runs in found.items() if {"model", "mopo", "lam0"} <= set(runs)}
 
 
 def main(args: Args) -> dict:
@@ -100,69 +148,90 @@ def main(args: Args) -> dict:
     out_dir = Path(args.out_dir or (Path("learns_quick") if quick else HERE / "results" / "learns")
                    / "+".join(args.tasks)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    def flags(task, seed):
+
+    def flags(task, seed):  # paths relative to out_dir, where every job runs: the results hold no absolute path
         _, env_id, _, extra = TASKS[task]
         extra = list(extra)
         for name, value in (("--epochs", args.epochs), ("--dynamics-max-epochs", args.dynamics_max_epochs)):
             if value > 0:
                 extra[extra.index(name) + 1] = str(value)
-        return [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", env_id, "--dataset-path", str(paths[task]),
+        return [sys.executable, str(HERE.parent / "mopo.py"), "--env-id", env_id, "--dataset-path", paths[task].name,
                 "--seed", str(seed), "--device", args.device, *extra]
 
     def job(task, seed, variant, *extra) -> tuple[Path, dict]:
-        """One mopo.py run; its folder and results.json, with its wall time."""
+        """One mopo.py run; its folder, and its results.json with its wall time, kept in run_results/ at once."""
         name, start = f"{task}-{variant}-s{seed}", time.time()
         run(flags(task, seed) + ["--exp-name", name, *extra], out_dir, out_dir / f"{name}.log")
         folder = run_dir(out_dir, name)
-        return folder, json.loads((folder / "results.json").read_text()) | {"wall_s": time.time() - start}
+        results = json.loads((folder / "results.json").read_text()) | {"wall_s": time.time() - start}
+        (out_dir / "run_results" / folder.name).mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_results" / folder.name / "results.json").write_text(json.dumps(results, indent=2))
+        return folder.relative_to(out_dir), results
 
-    start, paths, behaviour, results = time.time(), {}, {}, {}
+    start, paths, behaviour = time.time(), {}, {}
+    results = {k: v for k, v in saved_seeds(out_dir).items() if k[0] in args.tasks}
     for task in args.tasks:
         paths[task], behaviour[task] = write_dataset(task, out_dir)
+    todo = [(t, s) for t in args.tasks for s in args.seeds if (t, s) not in results]
+    print(f"seeds already in {out_dir.name}/run_results: {sorted(results)}; to run: {todo}", flush=True)
     pool = ThreadPoolExecutor(args.jobs)
     try:  # a failed job ends the benchmark: the queued ones are cancelled
-        models = {pool.submit(job, t, s, "model", "--epochs", "0"): (t, s) for t in args.tasks for s in args.seeds}
-        policies = {}
+        models = {pool.submit(job, t, s, "model", "--epochs", "0"): (t, s) for t, s in todo}
+        policies, runs = {}, {}
         for future in as_completed(models):
             (task, seed), (folder, r) = models[future], future.result()
-            results[(task, seed)] = {"model": {"wall_s": r["wall_s"], **r["dynamics"]}}
+            runs[(task, seed)] = {"model": r}
             policies |= {pool.submit(job, task, seed, v, "--dynamics-path", str(folder), *lam): (task, seed, v)
                          for v, lam in (("mopo", []), ("lam0", ["--lam", "0.0"]))}
-        for future, (task, seed, variant) in policies.items():
-            results[(task, seed)][variant] = future.result()[1]
+        for future in as_completed(policies):  # a seed's table row as soon as its two runs are done
+            task, seed, variant = policies[future]
+            runs[(task, seed)][variant] = future.result()[1]
+            if {"mopo", "lam0"} <= set(runs[(task, seed)]):
+                results[(task, seed)] = runs[(task, seed)]
+                report(args, behaviour, results, time.time() - start, out_dir)
     finally:
         pool.shutdown(cancel_futures=True)
-    wall = time.time() - start
-    return report(args, behaviour, results, wall, out_dir)
+    return report(args, behaviour, results, time.time() - start, out_dir)
 
 
 def fmt(values):
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
+
+
+def bound(run: dict) -> str:
+    """How many of a run's evaluations broke Theorem 4.4's bound (D18), from its per-evaluation record."""
+    evaluations = run["evaluations"]
+    return f"{sum(e.get('bound_broken', 0) > 0 for e in evaluations)}/{len(evaluations)}"
 
 
 def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Path) -> dict:
     lines = ["| task | data | MOPO final | per seed | λ = 0 (MBPO) final | per seed | MOPO beats the data on every "
-             "seed |", "|---|---|---|---|---|---|---|"]
+             "seed | bound broken (evaluations, MOPO per seed) |", "|---|---|---|---|---|---|---|---|"]
     table = {}
     for task in args.tasks:
-        key = "final_normalized_score" if task == "halfcheetah-random" else "final_return"
-        data = behaviour[task]["normalized_score" if task == "halfcheetah-random" else "mean_return"]
-        mopo = [results[(task, s)]["mopo"][key] for s in args.seeds]
-        lam0 = [results[(task, s)]["lam0"][key] for s in args.seeds]
-        beats = all(m > data for m in mopo)
-        table[task] = {"behaviour": behaviour[task], "metric": key, "mopo": mopo, "lam0": lam0, "beats": beats,
-                       "lam": results[(task, args.seeds[0])]["mopo"]["lam"], "flags": TASKS[task][3]}
+        seeds = sorted(s for t, s in results if t == task)
+        d4rl = "-" in task  # D4RL-named tasks: normalized score; the gymnasium ones: raw returns
+        key = "final_normalized_score" if d4rl else "final_return"
+        data = behaviour[task]["normalized_score" if d4rl else "mean_return"]
+        mopo = [results[(task, s)]["mopo"][key] for s in seeds]
+        lam0 = [results[(task, s)]["lam0"][key] for s in seeds]
+        beats = bool(mopo) and all(m > data for m in mopo)
+        broken = [bound(results[(task, s)]["mopo"]) for s in seeds]
+        table[task] = {"behaviour": behaviour[task], "metric": key, "seeds": seeds, "mopo": mopo, "lam0": lam0,
+                       "beats": beats, "bound_broken": broken, "flags": TASKS[task][3],
+                       "lam": results[(task, seeds[0])]["mopo"]["lam"] if seeds else None}
         lines.append(f"| {task} | {data:.1f} | {fmt(mopo)} | {', '.join(f'{v:.1f}' for v in mopo)} | {fmt(lam0)} | "
-                     f"{', '.join(f'{v:.1f}' for v in lam0)} | {'yes' if beats else 'NO'} |")
-    lines += [f"\nwall time {wall / 60:.1f} min, {args.jobs} jobs at a time, 1 torch thread each, --device "
-              f"{args.device}. halfcheetah-random: D4RL normalized score; pendulum, hopper: raw returns.",
-              f"Curves: python benchmarks/plot.py {out_dir}/runs --label-by lam --out curves.png",
-              f"Gauge: python benchmarks/plot.py {out_dir}/runs/*mopo-s* --gauge --out gauge.png"]
+                     f"{', '.join(f'{v:.1f}' for v in lam0)} | {'yes' if beats else 'NO'} | {', '.join(broken)} |")
+    lines += [f"\nwall time of this call {wall / 60:.1f} min, {args.jobs} jobs at a time, 1 torch thread each, "
+              f"--device {args.device}. D4RL-named tasks: D4RL normalized score; pendulum, hopper: raw returns.",
+              "Curves: python benchmarks/plot.py run_results --label-by lam --out curves.png  (in this folder)",
+              "Gauge: python benchmarks/plot.py run_results/*mopo-s* --gauge --out gauge.png  (in this folder)"]
     text = "\n".join(lines)
-    print(text)
+    print(text, flush=True)
     (out_dir / "table.md").write_text(text + "\n")
-    summary = {"tasks": table, "wall_s": wall, "args": vars(args),
-               "runs": {f"{t}/seed_{s}": r for (t, s), r in results.items()}}
+    summary = {"tasks": table, "wall_s_of_this_call": wall, "args": vars(args) | {"out_dir": "."},
+               "runs": {f"{t}/seed_{s}": {"model": {"wall_s": r["model"].get("wall_s"), **r["model"]["dynamics"]}}
+                        | {v: r[v] for v in ("mopo", "lam0")} for (t, s), r in sorted(results.items())}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

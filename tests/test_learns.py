@@ -1,7 +1,9 @@
-"""benchmarks/learns.py: the halfcheetah-random dataset follows D4RL's recipe (the benchmark itself is not a test)."""
+"""benchmarks/learns.py and make_dataset.py: the datasets follow D4RL's recipes (the benchmark itself is not a test)."""
 import h5py
+import make_dataset
 import numpy as np
 import pytest
+import torch
 
 import learns
 import mopo
@@ -24,3 +26,37 @@ def test_halfcheetah_random_data_is_d4rls_recipe(tmp_path):
     again, _ = learns.write_dataset("halfcheetah-random", tmp_path / "again", transitions=2500)
     with h5py.File(again) as f:
         np.testing.assert_array_equal(f["observations"][:5], first)  # a fixed seed
+
+
+def test_the_medium_recipe_trains_saves_and_regenerates_exactly(tmp_path):
+    """make_dataset.py at a tiny budget: online SAC with mopo.py's own update stops at the first evaluation that
+    reaches the target (here at once) and saves its actor and how it was made; its replay buffer is D4RL's layout
+    (medium-replay); `medium` is the actor's stochastic actions, the same file from the same actor and seed."""
+    info = make_dataset.train_behaviour("Hopper-v4", -1e9, tmp_path / "hopper_medium_actor.pt",
+                                        tmp_path / "hopper_medium_replay.hdf5", max_steps=400, warmup_steps=60,
+                                        eval_every=100, eval_episodes=2)
+    assert info["steps"] == 100 and len(info["evaluations"]) == 1 and info["target_entropy"] == -3.0
+    actor, saved = make_dataset.load_actor(tmp_path / "hopper_medium_actor.pt")
+    assert saved == info and saved["eval_return"] == pytest.approx(saved["evaluations"][0]["return"])
+    replay = mopo.load_dataset(tmp_path / "hopper_medium_replay.hdf5", 11, 3)
+    assert len(replay["rewards"]) == 100  # every step up to the stopping one
+    np.testing.assert_array_equal(replay["observations"][1:][~replay["terminals"][:-1].astype(bool)],
+                                  replay["next_observations"][:-1][~replay["terminals"][:-1].astype(bool)])
+    with pytest.raises(RuntimeError, match="no evaluation reached 1000000000.0 in 100 steps"):
+        make_dataset.train_behaviour("Hopper-v4", 1e9, tmp_path / "never.pt", max_steps=100, warmup_steps=60,
+                                     eval_every=50, eval_episodes=1)
+    assert not (tmp_path / "never.pt").exists()
+
+    files = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        path, summary = learns.write_dataset("hopper-medium", tmp_path / folder, transitions=300, behaviour=tmp_path)
+        with h5py.File(path) as f:
+            files.append({k: f[k][()] for k in f})
+    assert set(files[0]) == {"observations", "actions", "rewards", "next_observations", "terminals", "timeouts"}
+    for k in files[0]:
+        np.testing.assert_array_equal(files[0][k], files[1][k])  # regenerated exactly
+    obs, act = (torch.as_tensor(files[0][k]) for k in ("observations", "actions"))
+    with torch.no_grad():
+        assert not torch.allclose(act, actor.act(obs), atol=1e-3)  # the stochastic actions, not the mean
+    assert summary["transitions"] == 300 and "normalized_score" in summary  # hopper-medium-v2's reference scores
