@@ -85,6 +85,7 @@ DEFAULTS, FULL_EPOCHS = mopo.Args(), 1000
 FULL_RUN = {"transitions": 1_000_000, "epochs": FULL_EPOCHS, "updates": FULL_EPOCHS * DEFAULTS.steps_per_epoch,
             "eval_freq": DEFAULTS.eval_freq, "evaluations": -(-FULL_EPOCHS // DEFAULTS.eval_freq),
             "checkpoints": -(-FULL_EPOCHS // DEFAULTS.checkpoint_freq) + 1, "budget_s": 1800}
+OBS_DIM, ACT_DIM = 11, 3  # hopper's, the dims of the loops measured
 
 
 @dataclass
@@ -180,153 +181,268 @@ def main(args: Args) -> dict:
 
 
 def run(args: Args, device: torch.device, tmp: Path) -> dict:
+    """Each part in turn (the loops, evaluation, checkpoint, dynamics to early stopping, end to end, projection),
+    its results written to --out as it ends; then the tables."""
     began = time.perf_counter()
     cuda = device.type == "cuda"
     margs = mopo.Args(env_id="hopper-medium-v2", dynamics_max_epochs=1, rollout_batch_size=args.rollout_batch_size,
                       rollout_length=args.rollout_length, rollout_freq=args.rollout_freq, cuda_graph=False)
     task = mopo.make_task(margs.env_id)
-    path = Path(args.dataset_path).resolve() if args.dataset_path else tmp / "hopper_random.hdf5"
-    if not path.exists():
-        make_dataset(path, "Hopper-v4", args.dataset_size, seed=args.seed)
-    data = mopo.load_dataset(path, 11, 3)
-    obs_dim, act_dim, h = 11, 3, args.rollout_length
-    real = mopo.ReplayBuffer(len(data["observations"]), obs_dim, act_dim, device)
-    real.add(mopo.to_rows(*(torch.as_tensor(data[k], device=device) for k in mopo.DATA_KEYS)))
+    path, real = hopper_buffer(args, tmp, device)
     results = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
                "dataset_size": real.size, "cpu": platform_name(),
                "gpu": torch.cuda.get_device_name(device) if cuda else None}
-    del data
+    save = functools.partial(report, results, args.out, began)
 
-    def save(part):
-        print(f"[{time.perf_counter() - began:6.1f} s] {part} done", flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-
-    # --- dynamics epoch -------------------------------------------------------------------------------------------
-    dynamics = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
     model_rows = mopo.model_data(real)  # (s, a, [r, Δs])
-    obs, act, target = model_rows
-    head = tuple(x[:5000] for x in model_rows)
-    warm_up = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)  # first calls pay one-time library set-up
-    mopo.train_dynamics(warm_up, head, margs)
-    seconds, stats = timed(lambda: mopo.train_dynamics(dynamics, model_rows, margs), device)
-    n_train = len(obs) - min(int(0.2 * len(obs)), margs.holdout_size)
-    steps = -(-n_train // margs.dynamics_batch_size)
-    bare_model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-    optimizer = mopo.dynamics_optimizer(bare_model, lr=1e-3)
-    idx = torch.randint(len(obs), (7, margs.dynamics_batch_size), device=device)
-    x_obs, x_act, y = obs[idx], act[idx], target[idx]
-
-    def bare_step():
-        loss = mopo.dynamics_loss(bare_model, x_obs, x_act, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    timed(bare_step, device, 5)
-    bare_step_s, _ = timed(bare_step, device, 50)
-    results["dynamics_epoch"] = {"s": seconds, "bare_s": bare_step_s * steps, "steps": steps,
-                                 "ratio_bare_over_ours": bare_step_s * steps / seconds}
-    if cuda:  # the same epoch with a CUDA graph per full minibatch; each call captures once, so also 3 epochs
-        with optional(results, "dynamics epoch, CUDA graph"):
-            gargs, fresh = replace(margs, cuda_graph=True), lambda: mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-            mopo.train_dynamics(fresh(), head, gargs)  # warm-up: graph memory pool
-            one, _ = timed(lambda: mopo.train_dynamics(fresh(), model_rows, gargs), device)
-            three, _ = timed(lambda: mopo.train_dynamics(fresh(), model_rows, replace(gargs, dynamics_max_epochs=3)),
-                             device)
-            results["dynamics_epoch"] |= {"graph_s": one, "graph_marginal_s": (three - one) / 2,
-                                          "graph_3_epochs_s": three, "eager_over_graph": seconds / one}
+    head = tuple(x[:5000] for x in model_rows)  # for warm-ups: first calls pay one-time library set-up
+    dynamics, stats, eager_s = dynamics_epoch(margs, model_rows, head, device, results)
+    if cuda:
+        dynamics_epoch_graph(margs, model_rows, head, eager_s, device, results)
     save("dynamics epoch")
 
-    # --- rollout round ----------------------------------------------------------------------------------------------
     dynamics.eval()  # as main, after model training
-    env = mopo.make_env(task)
-    action_space = env.action_space
-    env.close()
-    sac, opts = sac_modules(obs_dim, act_dim, action_space, margs, device)
-    step_fn = hopper_step(dynamics)
+    modules = functools.partial(sac_modules, OBS_DIM, ACT_DIM, action_space(task), margs, device)
+    sac, opts = modules()
+    step_fn, h = hopper_step(dynamics), args.rollout_length
     start_obs = real.split(real.sample(args.rollout_batch_size))[0]
-    roll = lambda: mopo.rollout(sac.actor, step_fn, start_obs, h, 1.0)  # noqa: E731
-    timed(lambda: mopo.rollout(sac.actor, step_fn, start_obs[:4096], h, 1.0), device)
-    seconds, (rows, _) = timed(roll, device)
-    pre_made = torch.randn(len(rows), obs_dim, device=device)  # one forward row per transition the rollout made
-
-    @torch.no_grad()
-    def bare_rollout():
-        for chunk in pre_made.split(mopo.ROLLOUT_CHUNK_CPU if device.type == "cpu" else len(pre_made)):
-            a, _ = sac.actor.sample(chunk)
-            dynamics(chunk, a)
-    bare_s, _ = timed(bare_rollout, device)
-    results["rollout_round"] = {"s": seconds, "transitions": len(rows), "transitions_per_s": len(rows) / seconds,
-                                "bare_s": bare_s, "ratio_bare_over_ours": bare_s / seconds}
+    rows = rollout_round(sac.actor, dynamics, step_fn, start_obs, h, device, results)
     save("rollout round")
 
-    # --- SAC update ---------------------------------------------------------------------------------------------------
-    model_buffer = mopo.ReplayBuffer(margs.model_retain_epochs * args.rollout_batch_size * h, obs_dim, act_dim, device)
+    model_buffer = mopo.ReplayBuffer(margs.model_retain_epochs * args.rollout_batch_size * h, OBS_DIM, ACT_DIM, device)
     while model_buffer.size < model_buffer.capacity:
         model_buffer.add(rows)
     sample = lambda: real.split(mopo.sample_mixed(real, model_buffer, margs.batch_size, margs.real_ratio))  # noqa: E731
-    update = lambda: mopo.sac_update(sac, opts, sample(), margs)  # noqa: E731
-    fixed = sample()
-    timed(update, device, 20)
-    seconds, _ = timed(update, device, args.sac_updates)
-    bare_s, _ = timed(lambda: mopo.sac_update(sac, opts, fixed, margs), device, args.sac_updates)
-    results["sac_update"] = {"ms": seconds * 1e3, "bare_ms": bare_s * 1e3, "ratio_bare_over_ours": bare_s / seconds}
-    if cuda:  # main's graph path: its own SAC module and capturable Adams, the same update recorded once and replayed
-        with optional(results, "SAC update, CUDA graph"):
-            g_sac, g_opts = sac_modules(obs_dim, act_dim, action_space, margs, device, capturable=True)
-            g_update = mopo.cuda_graph(lambda: mopo.sac_update(g_sac, g_opts, sample(), margs))
-            timed(g_update, device, 20)  # 3 eager calls on a side stream, the capture, 16 replays
-            g_seconds, _ = timed(g_update, device, args.sac_updates)
-            results["sac_update"] |= {"graph_ms": g_seconds * 1e3, "eager_over_graph": seconds / g_seconds}
+    update = sac_step(sac, opts, sample, margs)
+    bare = functools.partial(mopo.sac_update, sac, opts, sample(), margs)  # on one pre-made batch
+    eager_s, bare_update_s = sac_update_costs(args, update, bare, device, results)
+    graph = sac_update_graph(args, margs, modules, sample, eager_s, device, results) if cuda else None
     save("SAC update")
 
-    # --- MOPO phase: rollout_freq updates + one rollout round -------------------------------------------------------
-    def phase(roll, update):
-        rows, _ = roll()
-        model_buffer.add(rows)
-        for _ in range(args.rollout_freq):
-            update()
-    seconds, _ = timed(lambda: phase(roll, update), device)
-    bare_phase = results["rollout_round"]["bare_s"] + args.rollout_freq * bare_s
-    results["mopo_phase"] = {"updates_per_s": args.rollout_freq / seconds, "bare_updates_per_s":
-                             args.rollout_freq / bare_phase, "ratio_ours_over_bare": bare_phase / seconds}
-    if "graph_ms" in results["sac_update"]:  # rollouts from the graph path's actor, as in main
-        with optional(results, "MOPO phase, CUDA graph"):
-            g_roll = lambda: mopo.rollout(g_sac.actor, step_fn, start_obs, h, 1.0)  # noqa: E731
-            g_seconds, _ = timed(lambda: phase(g_roll, g_update), device)
-            results["mopo_phase"] |= {"graph_updates_per_s": args.rollout_freq / g_seconds,
-                                      "graph_over_eager": seconds / g_seconds}
+    bare_phase_s = results["rollout_round"]["bare_s"] + args.rollout_freq * bare_update_s
+    eager_s = mopo_phase(args, model_buffer, rollout_fn(sac.actor, step_fn, start_obs, h), update, bare_phase_s,
+                         device, results)
+    if graph:  # rollouts from the graph path's actor, as in main
+        g_actor, g_update = graph
+        mopo_phase_graph(args, model_buffer, rollout_fn(g_actor, step_fn, start_obs, h), g_update, eager_s, device,
+                         results)
     results["peak_memory_mb"] = peak_memory_mb(device)
     results["dynamics_stats"] = stats
     save("MOPO phase")
 
-    # --- evaluation -------------------------------------------------------------------------------------------------
     evaluation_costs(args, task, sac.actor, dynamics, device, results)
     save("evaluation")
-    header = {"args": asdict(margs), "data_fingerprint": [real.size, 0.0], "phase": "policy",  # main's checkpoint
+    results["checkpoint"] = checkpoint_cost(tmp, margs, real.size, dynamics, sac, opts, model_buffer, device)
+    save("checkpoint")
+
+    trained = dynamics  # what the end-to-end run loads: this 1-epoch ensemble, or the early-stopped one
+    if args.dynamics_to_early_stop:
+        if (model := dynamics_to_early_stop(args, margs, model_rows, device, results)) is not None:
+            trained, stats = model, results["dynamics_early_stop"]["stats"]
+        save("dynamics to early stopping")
+
+    e2e_epochs = args.e2e_epochs if args.e2e_epochs is not None else (20 if cuda else 0)
+    if e2e_epochs > 0:
+        dyn_path = tmp / "dynamics.pt"
+        mopo.atomic_save(dyn_path, {"state_dict": trained.state_dict(), "config": trained.config,
+                                    "env_id": margs.env_id, "stats": stats})
+        end_to_end_runs(args, e2e_epochs, path, dyn_path, device, tmp, results, began)
+
+    results["projection"] = projection(results)
+    save("projection")
+    print(table(results))
+    return results
+
+
+def report(results: dict, out: str, began: float, part: str) -> None:
+    """A part is done: say so, and rewrite the JSON with the results so far."""
+    print(f"[{time.perf_counter() - began:6.1f} s] {part} done", flush=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+
+
+def hopper_buffer(args: Args, tmp: Path, device: torch.device) -> tuple[Path, mopo.ReplayBuffer]:
+    """The hopper dataset's file (--dataset-path, made there if missing, or generated in tmp) and its transitions in
+    a ReplayBuffer on the device."""
+    path = Path(args.dataset_path).resolve() if args.dataset_path else tmp / "hopper_random.hdf5"
+    if not path.exists():
+        make_dataset(path, "Hopper-v4", args.dataset_size, seed=args.seed)
+    data = mopo.load_dataset(path, OBS_DIM, ACT_DIM)
+    real = mopo.ReplayBuffer(len(data["observations"]), OBS_DIM, ACT_DIM, device)
+    real.add(mopo.to_rows(*(torch.as_tensor(data[k], device=device) for k in mopo.DATA_KEYS)))
+    return path, real
+
+
+def ensemble(device: torch.device) -> mopo.EnsembleDynamics:
+    """A fresh ensemble of hopper's dims."""
+    return mopo.EnsembleDynamics(OBS_DIM, ACT_DIM).to(device)
+
+
+def action_space(task: mopo.Task) -> gym.spaces.Box:
+    """The task's action space, from an env made and closed."""
+    env = mopo.make_env(task)
+    space = env.action_space
+    env.close()
+    return space
+
+
+def dynamics_epoch(margs, model_rows, head, device, out: dict) -> tuple[mopo.EnsembleDynamics, dict, float]:
+    """Dynamics epoch: one epoch of `train_dynamics` on model_rows (after a warm-up on head) next to the bare steps,
+    into out["dynamics_epoch"]; the trained ensemble, its stats and the epoch's seconds."""
+    dynamics = ensemble(device)
+    mopo.train_dynamics(ensemble(device), head, margs)  # warm-up
+    seconds, stats = timed(lambda: mopo.train_dynamics(dynamics, model_rows, margs), device)
+    obs = model_rows[0]
+    n_train = len(obs) - min(int(0.2 * len(obs)), margs.holdout_size)
+    steps = -(-n_train // margs.dynamics_batch_size)
+    bare_step_s = bare_dynamics_step_s(model_rows, margs.dynamics_batch_size, device)
+    out["dynamics_epoch"] = {"s": seconds, "bare_s": bare_step_s * steps, "steps": steps,
+                             "ratio_bare_over_ours": bare_step_s * steps / seconds}
+    return dynamics, stats, seconds
+
+
+def bare_dynamics_step_s(model_rows, batch_size: int, device: torch.device) -> float:
+    """Seconds of one forward+backward+Adam step of a fresh ensemble on one pre-made bootstrap batch (7 × batch_size
+    rows of model_rows)."""
+    obs, act, target = model_rows
+    model = ensemble(device)
+    optimizer = mopo.dynamics_optimizer(model, lr=1e-3)
+    idx = torch.randint(len(obs), (7, batch_size), device=device)
+    x_obs, x_act, y = obs[idx], act[idx], target[idx]
+
+    def bare_step():
+        loss = mopo.dynamics_loss(model, x_obs, x_act, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    timed(bare_step, device, 5)
+    return timed(bare_step, device, 50)[0]
+
+
+def dynamics_epoch_graph(margs, model_rows, head, eager_s: float, device: torch.device, out: dict) -> None:
+    """The same epoch with a CUDA graph per full minibatch (each on a fresh ensemble); each call captures once, so also
+    3 epochs: into out["dynamics_epoch"]."""
+    with optional(out, "dynamics epoch, CUDA graph"):
+        gargs = replace(margs, cuda_graph=True)
+        mopo.train_dynamics(ensemble(device), head, gargs)  # warm-up: graph memory pool
+        one, _ = timed(lambda: mopo.train_dynamics(ensemble(device), model_rows, gargs), device)
+        three, _ = timed(lambda: mopo.train_dynamics(ensemble(device), model_rows,
+                                                     replace(gargs, dynamics_max_epochs=3)), device)
+        out["dynamics_epoch"] |= {"graph_s": one, "graph_marginal_s": (three - one) / 2, "graph_3_epochs_s": three,
+                                  "eager_over_graph": eager_s / one}
+
+
+def rollout_fn(actor, step_fn, start_obs, h: int):
+    """One rollout round, as main runs it: `rollout` of start_obs for h steps (λ = 1)."""
+    return functools.partial(mopo.rollout, actor, step_fn, start_obs, h, 1.0)
+
+
+def rollout_round(actor, dynamics, step_fn, start_obs, h: int, device: torch.device, out: dict) -> torch.Tensor:
+    """Rollout round: a rollout round (after a warm-up on 4096 start states) next to the bare forward passes, into
+    out["rollout_round"]; the rows it made."""
+    timed(rollout_fn(actor, step_fn, start_obs[:4096], h), device)
+    seconds, (rows, _) = timed(rollout_fn(actor, step_fn, start_obs, h), device)
+    pre_made = torch.randn(len(rows), OBS_DIM, device=device)  # one forward row per transition the rollout made
+    bare_s, _ = timed(lambda: bare_rollout(actor, dynamics, pre_made), device)
+    out["rollout_round"] = {"s": seconds, "transitions": len(rows), "transitions_per_s": len(rows) / seconds,
+                            "bare_s": bare_s, "ratio_bare_over_ours": bare_s / seconds}
+    return rows
+
+
+@torch.no_grad()
+def bare_rollout(actor, dynamics, obs):
+    """Actor + ensemble forward on the pre-made rows obs, in `rollout`'s chunks."""
+    for chunk in obs.split(mopo.ROLLOUT_CHUNK_CPU if obs.device.type == "cpu" else len(obs)):
+        a, _ = actor.sample(chunk)
+        dynamics(chunk, a)
+
+
+def sac_step(sac, opts, sample, margs):
+    """One SAC update as main runs it: `sac_update` on a fresh batch from sample()."""
+    return lambda: mopo.sac_update(sac, opts, sample(), margs)
+
+
+def sac_update_costs(args: Args, update, bare, device: torch.device, out: dict) -> tuple[float, float]:
+    """SAC update: `update` (sampling included, after 20 for warm-up) next to `bare` (the update on one pre-made
+    batch), into out["sac_update"]; seconds per update of each."""
+    timed(update, device, 20)
+    seconds, _ = timed(update, device, args.sac_updates)
+    bare_s, _ = timed(bare, device, args.sac_updates)
+    out["sac_update"] = {"ms": seconds * 1e3, "bare_ms": bare_s * 1e3, "ratio_bare_over_ours": bare_s / seconds}
+    return seconds, bare_s
+
+
+def sac_update_graph(args: Args, margs, modules, sample, eager_s: float, device: torch.device, out: dict):
+    """main's graph path: its own SAC module and capturable Adams (from `modules`), the same update recorded once by
+    `mopo.cuda_graph` and replayed, into out["sac_update"]; its actor and update, or None where it failed."""
+    with optional(out, "SAC update, CUDA graph"):
+        g_sac, g_opts = modules(capturable=True)
+        g_update = mopo.cuda_graph(sac_step(g_sac, g_opts, sample, margs))
+        timed(g_update, device, 20)  # 3 eager calls on a side stream, the capture, 16 replays
+        g_seconds, _ = timed(g_update, device, args.sac_updates)
+        out["sac_update"] |= {"graph_ms": g_seconds * 1e3, "eager_over_graph": eager_s / g_seconds}
+        return g_sac.actor, g_update
+    return None
+
+
+def phase_s(model_buffer, roll, update, rollout_freq: int, device: torch.device) -> float:
+    """Seconds of one MOPO phase as main runs it: a rollout round into the model buffer, then rollout_freq updates."""
+    def phase():
+        rows, _ = roll()
+        model_buffer.add(rows)
+        for _ in range(rollout_freq):
+            update()
+    return timed(phase, device)[0]
+
+
+def mopo_phase(args: Args, model_buffer, roll, update, bare_s: float, device: torch.device, out: dict) -> float:
+    """MOPO phase: --rollout-freq updates plus one rollout round → updates/s, next to the bare loops' bare_s, into
+    out["mopo_phase"]; its seconds."""
+    seconds = phase_s(model_buffer, roll, update, args.rollout_freq, device)
+    out["mopo_phase"] = {"updates_per_s": args.rollout_freq / seconds, "bare_updates_per_s":
+                         args.rollout_freq / bare_s, "ratio_ours_over_bare": bare_s / seconds}
+    return seconds
+
+
+def mopo_phase_graph(args: Args, model_buffer, roll, update, eager_s: float, device: torch.device, out: dict) -> None:
+    """The MOPO phase with the graph path's rollouts and update, as main runs it on CUDA: into out["mopo_phase"]."""
+    with optional(out, "MOPO phase, CUDA graph"):
+        seconds = phase_s(model_buffer, roll, update, args.rollout_freq, device)
+        out["mopo_phase"] |= {"graph_updates_per_s": args.rollout_freq / seconds, "graph_over_eager": eager_s / seconds}
+
+
+def checkpoint_cost(tmp: Path, margs, real_size: int, dynamics, sac, opts, model_buffer, device) -> dict:
+    """One policy checkpoint as main writes it (`save_checkpoint` adds the RNG states), written to tmp and removed:
+    its seconds, model rows and size."""
+    header = {"args": asdict(margs), "data_fingerprint": [real_size, 0.0], "phase": "policy",  # main's checkpoint
               "dynamics": dynamics.state_dict(), "results": {}}
-    checkpoint = lambda: mopo.save_checkpoint(tmp, header | {  # noqa: E731 - save_checkpoint adds the RNG states
+    checkpoint = lambda: mopo.save_checkpoint(tmp, header | {  # noqa: E731
         "step": 0, "sac": sac.state_dict(), "optimizers": {k: o.state_dict() for k, o in opts.items()},
         "model_buffer": model_buffer.state_dict()})
     seconds, _ = timed(checkpoint, device)
-    results["checkpoint"] = {"s": seconds, "model_buffer_rows": model_buffer.size,
-                             "mb": (tmp / "checkpoint.pt").stat().st_size / 2**20}
+    cost = {"s": seconds, "model_buffer_rows": model_buffer.size, "mb": (tmp / "checkpoint.pt").stat().st_size / 2**20}
     (tmp / "checkpoint.pt").unlink()
-    save("checkpoint")
+    return cost
 
-    # --- dynamics to early stopping -----------------------------------------------------------------------------------
-    trained = dynamics  # what the end-to-end run loads: this 1-epoch ensemble, or the early-stopped one
-    if args.dynamics_to_early_stop:
-        with optional(results, "dynamics to early stopping"):
-            model = mopo.EnsembleDynamics(obs_dim, act_dim).to(device)
-            results["dynamics_early_stop"] = train_to_early_stop(
-                model, model_rows, replace(margs, dynamics_max_epochs=None, cuda_graph=cuda), device,
-                args.early_stop_max_s)
-            if results["dynamics_early_stop"]["early_stopped"]:  # else its weights are mid-training, no elites
-                trained, stats = model, results["dynamics_early_stop"]["stats"]
-        save("dynamics to early stopping")
 
-    # --- end to end: mopo.main ----------------------------------------------------------------------------------------
-    e2e_epochs = args.e2e_epochs if args.e2e_epochs is not None else (20 if cuda else 0)
+def dynamics_to_early_stop(args: Args, margs, model_rows, device: torch.device, out: dict):
+    """Dynamics to early stopping: a fresh ensemble trained as main trains it (`train_to_early_stop`, capped by
+    --early-stop-max-s), into out["dynamics_early_stop"]; the ensemble if it stopped early, else None (its weights
+    are mid-training, no elites)."""
+    with optional(out, "dynamics to early stopping"):
+        model = ensemble(device)
+        out["dynamics_early_stop"] = train_to_early_stop(
+            model, model_rows, replace(margs, dynamics_max_epochs=None, cuda_graph=device.type == "cuda"), device,
+            args.early_stop_max_s)
+        if out["dynamics_early_stop"]["early_stopped"]:
+            return model
+    return None
+
+
+def end_to_end_runs(args: Args, e2e_epochs: int, dataset: Path, dyn_path: Path, device: torch.device, tmp: Path,
+                    results: dict, began: float) -> None:
+    """End to end: `end_to_end` with CUDA graphs and (unless --skip-eager-e2e) eager on CUDA, else once on CPU, each
+    shortened to end by --budget-s (estimated from the parts measured so far): results["end_to_end"]."""
+    cuda = device.type == "cuda"
 
     def fit_budget(epochs, updates_per_s, eval_s_per_epoch, setup_s):
         """As many of `epochs` as end by --budget-s (each: its updates, its share of evaluations and checkpoints;
@@ -335,35 +451,26 @@ def run(args: Args, device: torch.device, tmp: Path) -> dict:
             return epochs
         left = args.budget_s - (time.perf_counter() - began) - setup_s - 10
         return min(epochs, int(left / (DEFAULTS.steps_per_epoch / updates_per_s + eval_s_per_epoch)))
-    if e2e_epochs > 0:
-        dyn_path = tmp / "dynamics.pt"
-        mopo.atomic_save(dyn_path, {"state_dict": trained.state_dict(), "config": trained.config,
-                                    "env_id": margs.env_id, "stats": stats})
-        full, rates = results["evaluation_full_length"], results["mopo_phase"]
-        runs = results["end_to_end"] = []
-        for graph in ([True, False] if cuda and not args.skip_eager_e2e else [cuda]):
-            rate = rates.get("graph_updates_per_s", rates["updates_per_s"]) if graph else rates["updates_per_s"]
-            if runs:  # evaluations, writes and setup as the first run measured them
-                g = runs[0]
-                eval_s, setup_s = (g["evaluation_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
-            else:  # a full-length evaluation bounds hopper's; one every eval_freq epochs (and after the last)
-                eval_s = ((full["sync_s"] + main_gauge_s(full)) / DEFAULTS.eval_freq
-                          + results["checkpoint"]["s"] / DEFAULTS.checkpoint_freq)
-                setup_s = 15
-            label = ("cuda graph" if graph else "cuda eager") if cuda else "cpu"
-            epochs = fit_budget((args.e2e_eager_epochs or e2e_epochs) if label == "cuda eager" else e2e_epochs, rate,
-                                eval_s, setup_s)
-            if epochs < 1:
-                results["end_to_end_skipped"] = f"{label}: no epoch fits --budget-s {args.budget_s}"
-                break
-            with optional(results, f"end to end, {label}"):
-                runs.append(end_to_end(args, path, dyn_path, device, graph, epochs, tmp, label))
-            save(f"end to end, {label}")
-
-    results["projection"] = projection(results)
-    save("projection")
-    print(table(results))
-    return results
+    full, rates = results["evaluation_full_length"], results["mopo_phase"]
+    runs = results["end_to_end"] = []
+    for graph in ([True, False] if cuda and not args.skip_eager_e2e else [cuda]):
+        rate = rates.get("graph_updates_per_s", rates["updates_per_s"]) if graph else rates["updates_per_s"]
+        if runs:  # evaluations, writes and setup as the first run measured them
+            g = runs[0]
+            eval_s, setup_s = (g["evaluation_s"] + g["checkpoint_s"]) / g["epochs"], g["setup_s"]
+        else:  # a full-length evaluation bounds hopper's; one every eval_freq epochs (and after the last)
+            eval_s = ((full["sync_s"] + main_gauge_s(full)) / DEFAULTS.eval_freq
+                      + results["checkpoint"]["s"] / DEFAULTS.checkpoint_freq)
+            setup_s = 15
+        label = ("cuda graph" if graph else "cuda eager") if cuda else "cpu"
+        epochs = fit_budget((args.e2e_eager_epochs or e2e_epochs) if label == "cuda eager" else e2e_epochs, rate,
+                            eval_s, setup_s)
+        if epochs < 1:
+            results["end_to_end_skipped"] = f"{label}: no epoch fits --budget-s {args.budget_s}"
+            break
+        with optional(results, f"end to end, {label}"):
+            runs.append(end_to_end(args, dataset, dyn_path, device, graph, epochs, tmp, label))
+        report(results, args.out, began, f"end to end, {label}")
 
 
 def seeded(fn, seed):
@@ -587,8 +694,16 @@ def hm(seconds):
 
 
 def table(r):
+    lines = loops_table(r) + graph_table(r) + evaluation_table(r) + end_to_end_table(r) + projection_table(r)
+    for part, error in r.get("errors", {}).items():
+        lines.append(f"FAILED: {part}: {error}")
+    return "\n".join(lines)
+
+
+def loops_table(r) -> list:
+    """The three loops and the MOPO phase as mopo.py runs them (eager on CUDA), next to their bare compute."""
     dyn, sac, phase = r["dynamics_epoch"], r["sac_update"], r["mopo_phase"]
-    lines = [
+    return [
         f"device {r['device']} ({r['cpu'] if r['device'] == 'cpu' else r['gpu']}), {r['threads']} thread(s), torch "
         f"{r['torch']}, dataset {r['dataset_size']} transitions",
         "| loop | mopo.py | bare compute | bare / ours |", "|---|---|---|---|",
@@ -603,28 +718,39 @@ def table(r):
         f"{phase['bare_updates_per_s']:.1f} updates/s | {phase['ratio_ours_over_bare']:.2f} |",
         f"| evaluation ({r['evaluation']['episodes']} episodes) | {r['evaluation']['s']:.2f} s | | |",
         f"peak memory {r['peak_memory_mb']:.0f} MB"]
-    if r["device"] != "cpu":  # eager vs CUDA graph, where the graph path ran
-        lines += ["", "| loop (CUDA) | eager | CUDA graph | eager / graph |", "|---|---|---|---|"]
-        if "graph_ms" in sac:
-            lines.append(f"| SAC update incl. sampling | {sac['ms']:.2f} ms | {sac['graph_ms']:.2f} ms | "
-                         f"{sac['eager_over_graph']:.1f}× |")
-        if "graph_s" in dyn:
-            lines.append(f"| dynamics epoch ({dyn['steps']} steps of 7×256) | {dyn['s']:.3f} s | "
-                         f"{dyn['graph_s']:.3f} s ({dyn['graph_marginal_s']:.3f} s marginal) | "
-                         f"{dyn['eager_over_graph']:.1f}× |")
-        if "graph_updates_per_s" in phase:
-            lines.append(f"| MOPO phase incl. rollouts | {phase['updates_per_s']:.1f} updates/s | "
-                         f"{phase['graph_updates_per_s']:.1f} updates/s | {phase['graph_over_eager']:.1f}× |")
+
+
+def graph_table(r) -> list:
+    """On CUDA: eager vs CUDA graph, for the loops where the graph path ran."""
+    if r["device"] == "cpu":
+        return []
+    dyn, sac, phase = r["dynamics_epoch"], r["sac_update"], r["mopo_phase"]
+    lines = ["", "| loop (CUDA) | eager | CUDA graph | eager / graph |", "|---|---|---|---|"]
+    if "graph_ms" in sac:
+        lines.append(f"| SAC update incl. sampling | {sac['ms']:.2f} ms | {sac['graph_ms']:.2f} ms | "
+                     f"{sac['eager_over_graph']:.1f}× |")
+    if "graph_s" in dyn:
+        lines.append(f"| dynamics epoch ({dyn['steps']} steps of 7×256) | {dyn['s']:.3f} s | "
+                     f"{dyn['graph_s']:.3f} s ({dyn['graph_marginal_s']:.3f} s marginal) | "
+                     f"{dyn['eager_over_graph']:.1f}× |")
+    if "graph_updates_per_s" in phase:
+        lines.append(f"| MOPO phase incl. rollouts | {phase['updates_per_s']:.1f} updates/s | "
+                     f"{phase['graph_updates_per_s']:.1f} updates/s | {phase['graph_over_eager']:.1f}× |")
+    return lines
+
+
+def evaluation_table(r) -> list:
+    """Evaluations as main runs them, the checkpoint write, and the dynamics to early stopping."""
     full, ev, g = r["evaluation_full_length"], r["evaluation"], r["gauge"]
-    lines += ["", "| evaluation, as main runs it | s | steps | per step |", "|---|---|---|---|",
-              f"| hopper, {ev['episodes']} episodes, SyncVectorEnv, CPU copy | {ev['s']:.3f} | {ev['steps']} env | "
-              f"{ev['s'] / max(ev['steps'], 1) * 1e6:.0f} µs |",
-              f"| hopper gauge, training modules | {g['s']:.3f} | {g['mean_model_length']:.0f} model (mean) | |",
-              f"| hopper, one whole `evaluate` (episodes + gauge{', CUDA graph' if ev['gauge_graph'] else ''}) | "
-              f"{ev.get('with_gauge_s', float('nan')):.3f} | | |",
-              f"| halfcheetah, {full['episodes']} × 1000, SyncVectorEnv, CPU copy | {full['sync_s']:.2f} | "
-              f"{full['env_steps']} env | {full['sync_us_per_env_step']:.0f} µs ({full['sync_ms_per_vector_step']:.2f} "
-              f"ms per vector step) |"]
+    lines = ["", "| evaluation, as main runs it | s | steps | per step |", "|---|---|---|---|",
+             f"| hopper, {ev['episodes']} episodes, SyncVectorEnv, CPU copy | {ev['s']:.3f} | {ev['steps']} env | "
+             f"{ev['s'] / max(ev['steps'], 1) * 1e6:.0f} µs |",
+             f"| hopper gauge, training modules | {g['s']:.3f} | {g['mean_model_length']:.0f} model (mean) | |",
+             f"| hopper, one whole `evaluate` (episodes + gauge{', CUDA graph' if ev['gauge_graph'] else ''}) | "
+             f"{ev.get('with_gauge_s', float('nan')):.3f} | | |",
+             f"| halfcheetah, {full['episodes']} × 1000, SyncVectorEnv, CPU copy | {full['sync_s']:.2f} | "
+             f"{full['env_steps']} env | {full['sync_us_per_env_step']:.0f} µs ({full['sync_ms_per_vector_step']:.2f} "
+             f"ms per vector step) |"]
     if "async_s" in full:
         lines.append(f"| halfcheetah, AsyncVectorEnv (forkserver; start-up {full['async_startup_s']:.1f} s) | "
                      f"{full['async_s']:.2f} | {full['async_env_steps']} env | "
@@ -644,6 +770,12 @@ def table(r):
         cut = "" if s["early_stopped"] else ", stopped by --early-stop-max-s"
         lines.append(f"\ndynamics to early stopping: {s['epochs']} epochs in {s['s']:.1f} s ({s['s_per_epoch']:.3f} "
                      f"s/epoch){cut}")
+    return lines
+
+
+def end_to_end_table(r) -> list:
+    """The measured stretches of `mopo.main`, or why they were skipped."""
+    lines = []
     if r.get("end_to_end"):
         lines += ["", "| mopo.main, hopper | epochs | wall | setup | policy phase | updates/s excl. eval | "
                   "evaluations (in turn) | checkpoints | TensorBoard SPS |", "|---|---|---|---|---|---|---|---|---|"]
@@ -654,17 +786,22 @@ def table(r):
                          f"{e['tensorboard_last_sps']} |")
     if "end_to_end_skipped" in r:
         lines.append(f"end-to-end skipped: {r['end_to_end_skipped']}")
+    return lines
+
+
+def projection_table(r) -> list:
+    """The full run projected from the measured parts (`projection`)."""
     p = r["projection"]
-    lines += ["", f"| full run, projected from the measured parts (1M transitions, {p['epochs']} epochs, "
-              f"{p['updates']:,} updates) | from | projected |", "|---|---|---|",
-              f"| updates incl. rollouts | {p['updates']:,} / {p['updates_per_s']:.0f} updates/s "
-              f"({p['updates_path']}) | {hm(p['updates_s'])} |",
-              f"| evaluations, {p['evaluations']} (every {p['eval_freq']} epochs, in turn with training) × "
-              f"({r['evaluation_full_length']['episodes']} full-length episodes + gauge) | {p['evaluations']} × "
-              f"({p['evaluation_s']:.2f} + {p['gauge_s']:.2f} ({p['gauge_path']})) s | {hm(p['evaluations_s'])} |",
-              f"| checkpoints, {p['checkpoints']} (every {DEFAULTS.checkpoint_freq} epochs and before the first "
-              "update) | "
-              f"{p['checkpoints']} × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
+    lines = ["", f"| full run, projected from the measured parts (1M transitions, {p['epochs']} epochs, "
+             f"{p['updates']:,} updates) | from | projected |", "|---|---|---|",
+             f"| updates incl. rollouts | {p['updates']:,} / {p['updates_per_s']:.0f} updates/s "
+             f"({p['updates_path']}) | {hm(p['updates_s'])} |",
+             f"| evaluations, {p['evaluations']} (every {p['eval_freq']} epochs, in turn with training) × "
+             f"({r['evaluation_full_length']['episodes']} full-length episodes + gauge) | {p['evaluations']} × "
+             f"({p['evaluation_s']:.2f} + {p['gauge_s']:.2f} ({p['gauge_path']})) s | {hm(p['evaluations_s'])} |",
+             f"| checkpoints, {p['checkpoints']} (every {DEFAULTS.checkpoint_freq} epochs and before the first "
+             "update) | "
+             f"{p['checkpoints']} × {p['checkpoint_s']:.2f} s | {hm(p['checkpoints_s'])} |"]
     if "early_stop_epochs" in p:
         lines += [f"| dynamics, {p['early_stop_epochs']} epochs (early stop on the generated data"
                   f"{'' if p['early_stopped'] else ', not reached'}) | × {p['dynamics_epoch_s_at_1M']:.2f} s per "
@@ -672,9 +809,7 @@ def table(r):
     lines.append(f"projected, without the dynamics {hm(p['without_dynamics_s'])}; dynamics epochs that still fit "
                  f"30 min: {p['break_even_dynamics_epochs']} (at {p['dynamics_epoch_s_at_1M']:.2f} s per 1M-row "
                  f"epoch)")
-    for part, error in r.get("errors", {}).items():
-        lines.append(f"FAILED: {part}: {error}")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
