@@ -26,6 +26,7 @@ D14 Deterministic episodes in gymnasium -v4 (ant: contact forces zeroed, as in D
 D15 Per-task (h, λ): OfflineRL-Kit's -v2 settings, the authors' -v0 ones for random data, ours elsewhere.
 D16 --spectral-norm (off): the paper's Lipschitz-regularized model, never in the authors' code.
 D17 The gauge (Thm. 4.4, ours): each evaluation's policy also runs in the model: raw and penalized returns.
+D18 Thm. 4.4's bound broken (ours): penalized model − real return, paired per episode, over 2 standard errors.
 """
 
 import copy
@@ -813,11 +814,16 @@ def make_env(task: Task) -> gym.Env:
 
 
 def summarize(task: Task, episodes: dict) -> dict:
-    """Mean and `_std` over episodes of each array, and of each episode's normalized score."""
+    """Mean and `_std` over episodes of each array and each episode's normalized score; with the gauge, D18."""
     if task.ref_min is not None:
         episodes |= {"normalized_score": 100 * (episodes["return"] - task.ref_min) / (task.ref_max - task.ref_min)}
+    if "penalized_model_return" in episodes:  # D18: each episode's from the same start state: paired
+        episodes |= {"bound_gap": np.asarray(episodes["penalized_model_return"]) - np.asarray(episodes["return"])}
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}
-    return {k: float(v.mean()) for k, v in arrays.items()} | {f"{k}_std": float(v.std()) for k, v in arrays.items()}
+    out = {k: float(v.mean()) for k, v in arrays.items()} | {f"{k}_std": float(v.std()) for k, v in arrays.items()}
+    if (n := len(arrays.get("bound_gap", []))) > 1:  # broken: the mean gap over 2 standard errors above 0
+        out["bound_broken"] = float(out["bound_gap"] > 2 * out["bound_gap_std"] / math.sqrt(n - 1))
+    return out
 
 
 @torch.no_grad()
@@ -859,13 +865,15 @@ def check_args(args: Args) -> torch.device:
                         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}")]:
         if not ok:
             raise ValueError(message)
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    here = [*(f"{t}:{i}" if t == "cuda" else t for t, n in count.items() for i in range(n))]
     try:
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto if args.device == "auto" else args.device)
+        device = torch.device(("cuda" if count["cuda"] else "cpu") if args.device == "auto" else args.device)
     except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+        device = None
+    if device is None or (device.index or 0) >= count.get(device.type, 0):  # mps, xpu, cuda:N torch cannot use
+        raise ValueError(f"--device {args.device!r}: torch cannot use it here; this machine has {', '.join(here)} "
+                         "(or auto)")
     if device.type == "cuda":  # CUDA graphs, their streams and the RNG state saved are the current device's
         torch.cuda.set_device(device)
     return device
@@ -912,6 +920,10 @@ def record(writer: SummaryWriter, results: dict, run_dir: Path, summary: dict, e
     shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return") if k in summary]
     print(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
                                                      for k in shown), flush=True)
+    if summary.get("bound_broken"):  # D18
+        results["bound_broken_evaluations"] += 1
+        print(f"warning: Theorem 4.4's bound broken: penalized model − real return {summary['bound_gap']:.1f} ± "
+              f"{summary['bound_gap_std']:.1f}; λ = {results['lam']} is likely too small for this model and data")
     results["evaluations"].append({"step": step, "epoch": epoch, **summary})
     results.update({f"final_{k}": summary.get(k) for k in RESULT_KEYS})
     atomic_save(run_dir / "results.json", results)
@@ -921,6 +933,9 @@ def load_file(path: Path, keys: tuple, fix: str, weights_only: bool = True) -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many kinds for a truncated, empty or foreign file
+        if "GLOBAL " in str(e):  # mopo.py saves tensors and plain values; an object may run code when loaded
+            raise ValueError(f"{path} holds a pickled object, refused: it could run code (GLOBAL "
+                             f"{str(e).split('GLOBAL ')[1].split()[0]}); {fix}") from None
         first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's first sentence; a KeyError's may be '101'
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise ValueError(f"{path} is damaged or not a torch file ({detail}); {fix}") from None
@@ -951,7 +966,7 @@ def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
     fix = "--resume takes a run folder or its checkpoint.pt; start afresh without it"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {fix}")
-    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix, weights_only=False)  # RNG states
+    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix)
     try:
         saved = Args(**ckpt["args"])
     except TypeError as e:
@@ -962,15 +977,16 @@ def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
     return replace(saved, resume=args.resume), ckpt | {"run_dir": path.parent}
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
+def save_checkpoint(run_dir: Path, state: dict) -> None:  # tensors and plain values only: loads with weights_only
     atomic_save(run_dir / "checkpoint.pt", state | {"rng": {
-        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": [  # its key array as a tensor
+            torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}})  # the current device's
 
 
 def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state([v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in rng["numpy"]])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -1086,6 +1102,7 @@ def main(args: Args) -> dict:
         results = ckpt["results"] if resumed else {
             "env_id": args.env_id, "seed": args.seed, "lam": lam, "rollout_length": h, "run_name": run_dir.name,
             "dynamics": dyn_stats, **{f"final_{k}": None for k in RESULT_KEYS}, "evaluations": [],
+            "bound_broken_evaluations": 0 if args.gauge else None,
             "args": asdict(replace(args, resume=None))}  # the settings, not the --resume that continued them
         header |= {"phase": "policy", "dynamics": dynamics.state_dict(), "results": results}
         save = lambda step: save_checkpoint(run_dir, header | {  # noqa: E731 - enough to continue bit for bit (CPU)

@@ -265,7 +265,8 @@ def run_local(args: Args, todo: list, folder: Path) -> list:
 
 def collect(sweep_dir: str) -> dict:
     """Per task and (h, λ): mean ± std over seeds of the final normalized score (the raw return where the task has no
-    reference scores), next to the published figure at the published (h, λ). Missing, unreadable or unfinished
+    reference scores), the seeds whose run broke Theorem 4.4's bound at any evaluation (mopo.py's D18), next to the
+    published figure at the published (h, λ). Missing, unreadable or unfinished
     results are listed by path, and the table is built from the rest."""
     root, problems, groups = Path(sweep_dir), [], defaultdict(dict)
     for run in sorted(p for p in root.rglob("runs/*__*") if p.is_dir()):
@@ -282,19 +283,23 @@ def collect(sweep_dir: str) -> dict:
             if r["seed"] in groups[key]:
                 problems.append(f"{run}: a second run of seed {r['seed']}, not counted")
             else:
-                groups[key][r["seed"]] = r["final_normalized_score" if metric != "return" else "final_return"]
+                groups[key][r["seed"]] = (r["final_normalized_score" if metric != "return" else "final_return"],
+                                          r.get("bound_broken_evaluations"))  # D18's count; None: no gauge
     rows = []
     for (env_id, h, lam, metric), by_seed in sorted(groups.items()):
-        values = [by_seed[s] for s in sorted(by_seed)]
+        values = [by_seed[s][0] for s in sorted(by_seed)]
+        gauged = [by_seed[s][1] for s in sorted(by_seed) if by_seed[s][1] is not None]
         published = PUBLISHED.get(env_id, (None, None, ""))
         rows.append({"env_id": env_id, "rollout_length": h, "lam": lam, "metric": metric, "seeds": len(values),
                      "mean": float(np.mean(values)), "std": float(np.std(values)),
                      "per_seed": " ".join(f"{v:.1f}" for v in values),
+                     "bound_broken": f"{sum(n > 0 for n in gauged)}/{len(gauged)}" if gauged else "",
                      "published": published[2] if published[:2] == (h, lam) else ""})
-    lines = ["| task | h | λ | seeds | ours: mean ± std | per seed | metric | OfflineRL-Kit (4 seeds) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | h | λ | seeds | ours: mean ± std | per seed | metric | bound broken (seeds) | OfflineRL-Kit "
+             "(4 seeds) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['env_id']} | {r['rollout_length']} | {r['lam']} | {r['seeds']} | {r['mean']:.1f} ± "
-              f"{r['std']:.1f} | {r['per_seed']} | {r['metric']} | {r['published']} |" for r in rows]
+              f"{r['std']:.1f} | {r['per_seed']} | {r['metric']} | {r['bound_broken']} | {r['published']} |"
+              for r in rows]
     for line in problems:
         print(f"not counted: {line}")
     print("\n".join(lines))

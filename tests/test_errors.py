@@ -1,4 +1,5 @@
 """Bad input: one clear error per row, raised before any training (no run folder is even created)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,6 @@ FLAG_ROWS = [
     ({"dynamics_batch_size": 0}, ValueError, "--dynamics-batch-size must be >= 1, got 0"),
     ({"rollout_batch_size": -3}, ValueError, "--rollout-batch-size must be >= 1, got -3"),
     ({"epochs": -1}, ValueError, "--epochs must be >= 0, got -1"),
-    ({"device": "gpu0"}, ValueError, "--device 'gpu0' is not a torch device"),
 ]
 
 
@@ -92,18 +92,31 @@ def test_not_hdf5(tmp_path, monkeypatch):
         mopo.main(mopo.Args(dataset_path=str(tmp_path / "data.hdf5")))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_forced_cuda_without_cuda(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--device cuda asked for CUDA, but torch sees no CUDA device"):
-        mopo.main(mopo.Args(device="cuda"))
+def devices_here():
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu", *cuda] + ["mps"] * torch.backends.mps.is_available()
 
 
-def test_cli_prints_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--lam", "-1"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: --lam must be >= 0, got -1.0"
+UNUSABLE = ["gpu0", "cdua", "xpu", "cuda:-1", f"cuda:{torch.cuda.device_count()}"]  # a misspelling; past the count
+UNUSABLE += [] if torch.backends.mps.is_available() else ["mps"]  # an Apple device elsewhere
+UNUSABLE += [] if torch.cuda.is_available() else ["cuda"]
+
+
+@pytest.mark.parametrize("device", UNUSABLE)
+def test_a_device_torch_cannot_use_is_one_line_naming_this_machines(device, tmp_path):
+    """Checked before anything loads: no dataset exists here, yet the device is the error."""
+    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--device", device, "--dataset-path", "none.hdf5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"error: --device {device!r}: torch cannot use it here; this machine has "
+                                   f"{', '.join(devices_here())} (or auto)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_device_this_machine_has_is_accepted():
+    for device in devices_here():
+        assert str(mopo.check_args(mopo.Args(device=device))) == device
+    assert mopo.check_args(mopo.Args(device="auto")).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --- files mopo.py reads back: damaged or foreign, each ends the run with one line ---
@@ -149,6 +162,25 @@ def test_a_checkpoint_of_another_kind_is_refused(finished_run, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes((finished_run / "dynamics.pt").read_bytes())
     with pytest.raises(ValueError, match=r"lacks \['phase', 'args', 'data_fingerprint', 'rng'\]"):
         mopo.main(mopo.Args(resume=str(tmp_path)))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(finished_run, tmp_path):
+    ckpt = torch.load(finished_run / "checkpoint.pt", weights_only=True)  # what mopo.py writes loads safely
+    ckpt["results"]["note"] = Payload()
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--resume", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not (tmp_path / "ran").exists()  # the payload never ran
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: {tmp_path / 'checkpoint.pt'} holds a pickled object, refused: it could run code (GLOBAL "
+                    f"posix.mkdir); --resume takes a run folder or its checkpoint.pt; start afresh without it")
+
+
+class Payload:
+    """Unpickled, it would make the folder `ran` in the working directory."""
+
+    def __reduce__(self):
+        return os.mkdir, ("ran",)
 
 
 def test_cli_prints_one_line_for_a_damaged_checkpoint(finished_run, tmp_path):

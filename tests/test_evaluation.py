@@ -51,3 +51,31 @@ def test_evaluation_takes_the_deterministic_action():
             obs, reward, terminated, truncated, _ = env.step(action)
             total, steps, over = total + reward, steps + 1, terminated or truncated
         assert (ret, length) == (pytest.approx(total, rel=1e-6), steps)
+
+
+class Steps(gym.Env):
+    """Reward 1 per step; sub-env i's episodes end after 2·(i + 1) steps (terminated), then it auto-resets."""
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,))
+
+    def __init__(self, length):
+        self.length, self.t = length, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(2, dtype=np.float32), 1.0, self.t >= self.length, False, {}
+
+
+def test_each_sub_env_counts_only_its_own_first_episode():
+    """Episodes of 2, 4 and 6 steps side by side: their returns and lengths are 2, 4, 6. Counting a sub-env's rewards
+    after it ended (it auto-resets and goes on earning while the longest one runs) gives 6, 6, 6."""
+    envs = gym.vector.SyncVectorEnv([lambda n=n: Steps(n) for n in (2, 4, 6)])
+    actor = mopo.Actor(2, 1, envs.single_action_space.low, envs.single_action_space.high)
+    episodes = mopo.evaluate(actor, envs, seed=0)
+    np.testing.assert_array_equal(episodes["return"], [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal(episodes["length"], [2, 4, 6])

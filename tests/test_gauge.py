@@ -1,12 +1,14 @@
-"""Theorem 4.4's gauge (issue 10): the deterministic policy's return in the learned model, raw and penalized, per
+"""Theorem 4.4's gauge (D17, D18): the deterministic policy's return in the learned model, raw and penalized, per
 evaluation; summed by hand on a stand-in model, and logged by a real run to results.json and TensorBoard."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import mopo
 from test_penalty import stepper
@@ -204,3 +206,38 @@ def test_a_diverging_model_ends_the_episode_before_its_non_finite_step():
     torch.testing.assert_close(out["model_length"], lengths, atol=0, rtol=0)
     torch.testing.assert_close(out["model_return"], lengths * (lengths + 1) / 2, atol=1e-4, rtol=0)
     assert torch.isfinite(out["penalized_model_return"]).all()
+
+
+@pytest.mark.parametrize("offsets, broken", [
+    ([-10.0] * 5, True),  # every episode's real return 10 below its penalized model return: broken
+    ([10.0] * 5, False),  # 10 above: the bound holds
+    ([-30.0, 30.0, -30.0, 30.0, -25.0], False),  # 5 below on average, within the noise of that mean
+], ids=["broken", "holds", "within-noise"])
+def test_a_broken_bound_is_one_warning_and_is_recorded(offsets, broken, tmp_path, capsys):
+    """D18 on a stand-in model's penalized returns (−2.5, −4.5, −2.5, 8, 8) against real returns offset from them:
+    the warning is printed, counted in results.json and logged to TensorBoard exactly when the mean gap exceeds two
+    standard errors; when the bound holds, only the usual evaluation line is printed."""
+    out = mopo.model_returns(ZeroPolicy(), stepper(StepCounter(), "aleatoric", done_at_marker), start_states(), 8, 0.5)
+    torch.testing.assert_close(out["penalized_model_return"], torch.tensor([-2.5, -4.5, -2.5, 8.0, 8.0]))
+    real = out["penalized_model_return"].numpy() + np.array(offsets)
+    summary = mopo.summarize(mopo.make_task("hopper-medium-v2"), {"return": real, "length": np.ones(5)} | out)
+    results = {"lam": 0.5, "evaluations": [], "bound_broken_evaluations": 0}
+    writer = SummaryWriter(str(tmp_path))
+    mopo.record(writer, results, tmp_path, summary, 1, 10)
+    writer.close()
+    assert summary["bound_gap"] == pytest.approx(-np.mean(offsets), abs=1e-4)
+    assert summary["bound_broken"] == float(broken) and results["bound_broken_evaluations"] == int(broken)
+    assert json.loads((tmp_path / "results.json").read_text())["evaluations"][-1]["bound_broken"] == float(broken)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + broken and printed[0].startswith("epoch 1 step 10: return")
+    if broken:
+        assert printed[1] == ("warning: Theorem 4.4's bound broken: penalized model − real return 10.0 ± 0.0; λ = 0.5 "
+                              "is likely too small for this model and data")
+    scalars = EventAccumulator(str(tmp_path))
+    scalars.Reload()
+    assert [ev.value for ev in scalars.Scalars("eval/bound_broken")] == [float(broken)]
+
+
+def test_one_episode_cannot_tell_a_broken_bound_from_noise():
+    episodes = {"return": np.array([0.0]), "penalized_model_return": torch.tensor([50.0])}
+    assert "bound_broken" not in mopo.summarize(mopo.make_task("Hopper-v4"), episodes)

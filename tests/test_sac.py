@@ -1,4 +1,5 @@
 """SAC pieces (D13): Bellman target masking, tanh-Gaussian log-probability, batched critics, target update."""
+import copy
 import math
 import types
 
@@ -109,6 +110,25 @@ def test_actor_loss_takes_the_min_of_the_twins(flip):
     setup = sac_setup(autotune=False, alpha=1e-9, q_lr=0.0)
     constant_twins(setup.sac.qf, [1.0, 2.0] if flip else [2.0, 1.0])
     assert update(setup)["losses/actor_loss"] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_actor_loss_adds_the_entropy_term_and_a_flat_critic_makes_the_policy_wider():
+    """actor loss = mean(α log π(ã|s) − min Q): with constant critics (lr 0) it is α·mean log π of the very actions
+    drawn (replayed from the same seed), and its step lowers that mean log π (raises the entropy). The sign flipped
+    (−α log π − Q) gives −α·mean log π and a step that narrows the policy."""
+    setup = sac_setup(autotune=False, alpha=2.0, q_lr=0.0, policy_lr=1e-4)
+    constant_twins(setup.sac.qf, [0.0, 0.0])
+    before, obs, next_obs = copy.deepcopy(setup.sac.actor), setup.batch[0], setup.batch[3]
+
+    def log_prob(actor):  # the update's own draws: the target's first, then the actor loss's
+        torch.manual_seed(7)
+        with torch.no_grad():
+            actor.sample(next_obs)
+            return actor.sample(obs)[1].mean().item()
+    torch.manual_seed(7)
+    info = update(setup)
+    assert info["losses/actor_loss"] == pytest.approx(2.0 * log_prob(before), rel=1e-5)
+    assert log_prob(setup.sac.actor) < log_prob(before)
 
 
 @pytest.mark.parametrize("target_entropy", [50.0, -50.0])

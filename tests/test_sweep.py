@@ -82,6 +82,9 @@ def test_sweep_trains_one_model_per_task_and_seed_and_collects_the_table(swept):
         ("hopper-medium-v2", 5.0): "62.8 ± 38.1", ("hopper-medium-replay-v2", 2.5): "92.7 ± 20.7"}
     assert "| hopper-medium-v2 | 5 | 5.0 | 2 |" in (root / "table.md").read_text()
     assert len((root / "table.csv").read_text().splitlines()) == 1 + 4
+    for r in rows.values():  # D18: the seeds whose run broke Theorem 4.4's bound at any evaluation, of those gauged
+        files = root.glob(f"{r['env_id']}/lam_{r['lam']}__h_default/seed_*/runs/*/results.json")
+        assert r["bound_broken"] == f"{sum(json.loads(f.read_text())['bound_broken_evaluations'] > 0 for f in files)}/2"
 
     models = sorted(root.glob("*/seed_*/model/runs/*"))
     assert len(models) == 4 and all((m / "dynamics.pt").is_file() for m in models)  # 4 ensembles, not 8
