@@ -80,6 +80,8 @@ class Args:
     """if > 0, overrides the task's number of epochs (for a quick look)"""
     dynamics_max_epochs: int = 0
     """if > 0, overrides the task's cap on dynamics epochs (for a quick look)"""
+    extra_lams: tuple[float, ...] = ()
+    """more λs on each seed's ensemble (variant `lam<λ>`), beside MOPO at the published λ and λ = 0"""
     device: str = "cpu"
     """mopo.py's --device for every job (cuda: every job on the GPU, `--jobs` of them at once)"""
 
@@ -140,7 +142,7 @@ def saved_seeds(out_dir: Path) -> dict:
     for file in sorted((out_dir / "run_results").glob("*/results.json")):
         task, variant, seed = file.parent.name.split("__")[1].rsplit("-", 2)
         found.setdefault((task, int(seed.removeprefix("s"))), {})[variant] = json.loads(file.read_text())
-    return {key: runs for key, runs in found.items() if {"model", "mopo", "lam0"} <= set(runs)}
+    return {key: runs for key, runs in found.items() if {"model", "mopo", "lam0"} <= set(runs)}  # extra λs too
 
 
 def main(args: Args) -> dict:
@@ -172,21 +174,31 @@ def main(args: Args) -> dict:
     results = {k: v for k, v in saved_seeds(out_dir).items() if k[0] in args.tasks}
     for task in args.tasks:
         paths[task], behaviour[task] = write_dataset(task, out_dir)
-    todo = [(t, s) for t in args.tasks for s in args.seeds if (t, s) not in results]
+    variants = [("mopo", []), ("lam0", ["--lam", "0.0"])] + [(f"lam{x}", ["--lam", str(x)]) for x in args.extra_lams]
+    todo = [(t, s) for t in args.tasks for s in args.seeds
+            if not {v for v, _ in variants} <= set(results.get((t, s), {}))]
+
+    def model(task, seed) -> tuple[Path, dict]:
+        """The seed's ensemble: the saved one where an earlier call's weights are still here, else trained anew."""
+        saved = sorted((out_dir / "runs").glob(f"*__{task}-model-s{seed}__*/dynamics.pt"))
+        if saved and "model" in results.get((task, seed), {}):
+            return saved[-1].parent.relative_to(out_dir), results[(task, seed)]["model"]
+        return job(task, seed, "model", "--epochs", "0")
     print(f"seeds already in {out_dir.name}/run_results: {sorted(results)}; to run: {todo}", flush=True)
     pool = ThreadPoolExecutor(args.jobs)
     try:  # a failed job ends the benchmark: the queued ones are cancelled
-        models = {pool.submit(job, t, s, "model", "--epochs", "0"): (t, s) for t, s in todo}
+        models = {pool.submit(model, t, s): (t, s) for t, s in todo}
         policies, runs = {}, {}
         for future in as_completed(models):
             (task, seed), (folder, r) = models[future], future.result()
-            runs[(task, seed)] = {"model": r}
+            earlier = {v: done for v, done in results.get((task, seed), {}).items() if v != "model"}
+            runs[(task, seed)] = {"model": r} | earlier
             policies |= {pool.submit(job, task, seed, v, "--dynamics-path", str(folder), *lam): (task, seed, v)
-                         for v, lam in (("mopo", []), ("lam0", ["--lam", "0.0"]))}
-        for future in as_completed(policies):  # a seed's table row as soon as its two runs are done
+                         for v, lam in variants if v not in runs[(task, seed)]}
+        for future in as_completed(policies):  # a seed's table row as soon as its runs are done
             task, seed, variant = policies[future]
             runs[(task, seed)][variant] = future.result()[1]
-            if {"mopo", "lam0"} <= set(runs[(task, seed)]):
+            if {v for v, _ in variants} <= set(runs[(task, seed)]):
                 results[(task, seed)] = runs[(task, seed)]
                 report(args, behaviour, results, time.time() - start, out_dir)
     finally:
@@ -205,6 +217,8 @@ def bound(run: dict) -> str:
 
 
 def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Path) -> dict:
+    root = HERE.parent  # the commands name the folder from the repository's root, never by an absolute path
+    where = out_dir.relative_to(root) if out_dir.is_relative_to(root) else out_dir.name
     lines = ["| task | data | MOPO final | per seed | λ = 0 (MBPO) final | per seed | MOPO beats the data on every "
              "seed | bound broken (evaluations, MOPO per seed) |", "|---|---|---|---|---|---|---|---|"]
     table = {}
@@ -224,14 +238,19 @@ def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Pat
                      f"{', '.join(f'{v:.1f}' for v in lam0)} | {'yes' if beats else 'NO'} | {', '.join(broken)} |")
     lines += [f"\nwall time of this call {wall / 60:.1f} min, {args.jobs} jobs at a time, 1 torch thread each, "
               f"--device {args.device}. D4RL-named tasks: D4RL normalized score; pendulum, hopper: raw returns.",
-              "Curves: python benchmarks/plot.py run_results --label-by lam --out curves.png  (in this folder)",
-              "Gauge: python benchmarks/plot.py run_results/*mopo-s* --gauge --out gauge.png  (in this folder)"]
+              f"Curves: python benchmarks/plot.py {where}/run_results --label-by lam --out {where}/curves.png",
+              f"Gauge: python benchmarks/plot.py {where}/run_results/*mopo-s* --gauge --out {where}/gauge.png"]
+    for (task, seed), runs in sorted(results.items()):
+        for variant in sorted(set(runs) - {"model", "mopo", "lam0"}):  # --extra-lams, on the seed's ensemble
+            key = "final_normalized_score" if "-" in task else "final_return"
+            lines.append(f"{task} seed {seed}, λ = {runs[variant]['lam']}: {runs[variant][key]:.1f}, bound broken at "
+                         f"{bound(runs[variant])} evaluations")
     text = "\n".join(lines)
     print(text, flush=True)
     (out_dir / "table.md").write_text(text + "\n")
     summary = {"tasks": table, "wall_s_of_this_call": wall, "args": vars(args) | {"out_dir": "."},
                "runs": {f"{t}/seed_{s}": {"model": {"wall_s": r["model"].get("wall_s"), **r["model"]["dynamics"]}}
-                        | {v: r[v] for v in ("mopo", "lam0")} for (t, s), r in sorted(results.items())}}
+                        | {v: r[v] for v in r if v != "model"} for (t, s), r in sorted(results.items())}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
