@@ -5,7 +5,6 @@ Yu, Thomas, Yu, Ermon, Zou, Levine, Finn, Ma. NeurIPS 2020. arXiv:2005.13239 (v2
 
     python mopo.py --env-id hopper-medium-v2                       # the task's published (h, λ)
     python mopo.py --env-id hopper-medium-v2 --lam 1.0 --rollout-length 5
-    python mopo.py --env-id walker2d-medium-v2 --dataset-path my_walker.hdf5   # a local file in D4RL layout
 
 Sections: 1 Args · 2 Data · 3 Termination functions · 4 Ensemble dynamics · 5 MOPO: penalty and rollouts · 6 SAC ·
 7 Evaluation · 8 main. Implementation details, the choices the paper leaves open (README: sources, reasons):
@@ -205,8 +204,8 @@ def make_task(env_id: str) -> Task:
     module, _, name = env_id.rpartition(":")
     if module:  # gymnasium's `module:EnvId`: the module registers the env (benchmarks/ood_tasks.py)
         importlib.import_module(module)
-    if name in gym.registry and name.split("-")[0].lower() in TERMINATION_FNS:  # no reference scores
-        return Task(env_id, name.split("-")[0].lower(), None, env_id, {})
+    if name in gym.registry and (family := name.split("-")[0].lower()) in TERMINATION_FNS:  # no reference scores
+        return Task(env_id, family, None, env_id, {})
     family, _, rest = env_id.partition("-")
     dataset = rest.removesuffix("-v2") if rest.endswith("-v2") else None
     if family not in D4RL_FAMILIES or dataset not in D4RL_DATASETS:
@@ -287,13 +286,10 @@ def get_dataset(task: Task, dataset_path: Optional[str], obs_dim: int, act_dim: 
     if task.minari_id is not None:
         import minari
 
-        eps = list(minari.load_dataset(task.minari_id).iterate_episodes())
-        return check_dataset({"observations": np.concatenate([e.observations[:-1] for e in eps]),
-                              "actions": np.concatenate([e.actions for e in eps]),
-                              "rewards": np.concatenate([e.rewards for e in eps]),
-                              "next_observations": np.concatenate([e.observations[1:] for e in eps]),
-                              "terminals": np.concatenate([e.terminations for e in eps])}, task.env_id, obs_dim,
-                             act_dim)
+        eps = minari.load_dataset(task.minari_id).iterate_episodes()
+        fields = [(e.observations[:-1], e.actions, e.rewards, e.observations[1:], e.terminations) for e in eps]
+        data = {k: np.concatenate(column) for k, column in zip(DATA_KEYS, zip(*fields))}  # each over all episodes
+        return check_dataset(data, task.env_id, obs_dim, act_dim)
     if task.file_name is None:
         raise ValueError(f"--env-id {task.env_id} is not a D4RL task, so it needs --dataset-path")
     path = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser() / task.file_name  # d4rl's cache
@@ -342,10 +338,9 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         return {"rows": self.data[: self.size].clone(), "ptr": self.ptr}  # a view would save every row's storage
 
-    def load_state_dict(self, state: dict) -> None:
-        self.data[: len(state["rows"])] = state["rows"].to(self.data.device)
-        self.ptr, self.size = state["ptr"], len(state["rows"])
-        self.count.fill_(self.size)
+    def load_state_dict(self, state: dict) -> None:  # into this empty buffer
+        self.add(state["rows"].to(self.data.device))
+        self.ptr = state["ptr"]
 
 
 def to_rows(obs, act, rew, next_obs, done) -> torch.Tensor:
@@ -372,7 +367,7 @@ def walker2d_done(obs, act, next_obs):
 
 
 def halfcheetah_done(obs, act, next_obs):
-    return torch.zeros(len(next_obs), dtype=torch.bool, device=next_obs.device)
+    return next_obs.new_zeros(len(next_obs), dtype=torch.bool)
 
 
 def ant_done(obs, act, next_obs):
@@ -548,7 +543,6 @@ def start_training(model: EnsembleDynamics, obs, act, args) -> dict:
     model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))
     boot = train[torch.randint(len(train), (args.num_ensemble, len(train)), device=obs.device)]  # [E, N]
     return {"epoch": 0, "epochs_since_update": 0, "hold": hold, "best": obs.new_full((args.num_ensemble,), 1e10),
-            "snapshot": [p.detach().clone() for layer in model.layers() for p in (layer.weight, layer.bias)],
             "boot": shuffled(boot)}
 
 
@@ -560,7 +554,7 @@ def train_dynamics(model: EnsembleDynamics, data: tuple, args, writer=None, stat
     optimizer = dynamics_optimizer(model, args.dynamics_lr, capturable=graph)
     member_params = [p for layer in model.layers() for p in (layer.weight, layer.bias)]  # ensemble axis first
     if state is None:
-        state = start_training(model, obs, act, args)
+        state = start_training(model, obs, act, args) | {"snapshot": [p.detach().clone() for p in member_params]}
     else:  # a checkpoint's, loaded on the CPU
         state = {k: [x.to(obs.device) for x in v] if k == "snapshot" else v.to(obs.device) if torch.is_tensor(v)
                  else v for k, v in state.items()}
@@ -667,11 +661,9 @@ def rollout(actor, step_fn: Callable, start_obs, rollout_length: int, lam: float
 
 @torch.no_grad()
 def model_returns(actor, step_fn: Callable, start_obs, horizon: int, lam: float, graph: bool = False) -> dict:
-    """Theorem 4.4's gauge (D17): the deterministic policy's episodes in the model from start_obs [N, obs_dim], to
-    `horizon`, termination or a diverging (non-finite) step. Per episode [N]: Σ r (η of M̂), Σ (r − λ·u) (η of M̃,
-    below the true return when λ·u bounds the model error), the length. With `graph` (CUDA), all `horizon` steps
-    replay a recorded graph."""
-
+    """Thm. 4.4's gauge (D17): the deterministic policy's episodes in the model from start_obs [N, obs_dim] until
+    `horizon`, termination or a non-finite step. Per episode [N]: Σ r (η of M̂), Σ (r − λ·u) (η of M̃, below the true
+    return when λ·u bounds the model error), the length. `graph` (CUDA): each step replays a recorded graph."""
     obs = start_obs.clone()
     ret, penalized, length = (torch.zeros(len(obs), device=obs.device) for _ in range(3))
     alive = torch.ones(len(obs), dtype=torch.bool, device=obs.device)
@@ -705,7 +697,7 @@ class Actor(nn.Module):
                                    nn.ReLU())
         self.mean = nn.Linear(hidden_dim, act_dim)
         self.log_std = nn.Linear(hidden_dim, act_dim)
-        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (action_low, action_high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
@@ -807,19 +799,19 @@ def make_env(task: Task) -> gym.Env:
         finally:
             mujoco.set_mju_user_warning(None)
     if task.family == "ant" and task.file_name is not None:  # D14: D4RL's MuJoCo-2.0 ant saw no contact forces
-        env = gym.wrappers.TransformObservation(env, lambda obs: np.concatenate([obs[:27], 0 * obs[27:]]),
-                                                env.observation_space)
+        env = gym.wrappers.TransformObservation(
+            env, lambda obs: np.concatenate([obs[:27], 0 * obs[27:]]), env.observation_space)
         env = gym.wrappers.TransformReward(env, lambda reward: reward + env.unwrapped.contact_cost)
     return env
 
 
 def summarize(task: Task, episodes: dict) -> dict:
     """Mean and `_std` over episodes of each array and each episode's normalized score; with the gauge, D18."""
-    if task.ref_min is not None:
-        episodes |= {"normalized_score": 100 * (episodes["return"] - task.ref_min) / (task.ref_max - task.ref_min)}
-    if "penalized_model_return" in episodes:  # D18: each episode's from the same start state: paired
-        episodes |= {"bound_gap": np.asarray(episodes["penalized_model_return"]) - np.asarray(episodes["return"])}
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}
+    if task.ref_min is not None:
+        arrays["normalized_score"] = 100 * (arrays["return"] - task.ref_min) / (task.ref_max - task.ref_min)
+    if "penalized_model_return" in arrays:  # D18: each episode's from the same start state: paired
+        arrays["bound_gap"] = arrays["penalized_model_return"] - arrays["return"]
     out = {k: float(v.mean()) for k, v in arrays.items()} | {f"{k}_std": float(v.std()) for k, v in arrays.items()}
     if (n := len(arrays.get("bound_gap", []))) > 1:  # broken: the mean gap over 2 standard errors above 0
         out["bound_broken"] = float(out["bound_gap"] > 2 * out["bound_gap_std"] / math.sqrt(n - 1))
@@ -856,32 +848,30 @@ def check_args(args: Args) -> torch.device:
         "rollout_batch_size", "rollout_freq", "model_retain_epochs", "steps_per_epoch", "eval_freq", "eval_episodes",
         "log_freq", "holdout_size", "dynamics_hidden_dim", "checkpoint_freq")}
     for name, low in lowest.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+        if (value := getattr(args, name)) is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     for ok, message in [(0 <= args.real_ratio <= 1, f"--real-ratio must be in [0, 1], got {args.real_ratio}"),
-                        (args.num_elites <= args.num_ensemble, f"--num-elites must be <= --num-ensemble, got "
-                                                               f"{args.num_elites} > {args.num_ensemble}"),
+                        (args.num_elites <= args.num_ensemble,
+                         f"--num-elites must be <= --num-ensemble, got {args.num_elites} > {args.num_ensemble}"),
                         (0 <= args.gamma <= 1 and 0 < args.tau <= 1, "--gamma must be in [0, 1] and --tau in (0, 1]"),
                         (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}")]:
         if not ok:
             raise ValueError(message)
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    here = [*(f"{t}:{i}" if t == "cuda" else t for t, n in count.items() for i in range(n))]
     try:
         device = torch.device(("cuda" if count["cuda"] else "cpu") if args.device == "auto" else args.device)
     except RuntimeError:
         device = None
     if device is None or (device.index or 0) >= count.get(device.type, 0):  # mps, xpu, cuda:N torch cannot use
-        raise ValueError(f"--device {args.device!r}: torch cannot use it here; this machine has {', '.join(here)} "
-                         "(or auto)")
+        here = ", ".join(f"{t}:{i}" if t == "cuda" else t for t, n in count.items() for i in range(n))
+        raise ValueError(f"--device {args.device!r}: torch cannot use it here; this machine has {here} (or auto)")
     if device.type == "cuda":  # CUDA graphs, their streams and the RNG state saved are the current device's
         torch.cuda.set_device(device)
     return device
 
 
 class Progress(tqdm):
-    """tqdm's bar on a terminal; elsewhere (a SLURM log) a plain line at the start, then at the first update `every`
-    seconds after the last line: at least once a minute while no rollout round or evaluation takes over 15 s."""
+    """tqdm's bar on a terminal; elsewhere (a SLURM log) a plain line at the start, then at most one per `every` s."""
 
     def __init__(self, desc: str, total: Optional[int], unit: str, initial: int = 0, every: float = 45.0):
         self.plain = not sys.stdout.isatty()
@@ -917,9 +907,9 @@ def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int, where
 def record(writer: SummaryWriter, results: dict, run_dir: Path, summary: dict, epoch: int, step: int) -> None:
     for k, v in summary.items():
         writer.add_scalar(f"eval/{k}", v, step)
-    shown = [k for k in ("return", "normalized_score", "model_return", "penalized_model_return") if k in summary]
-    print(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}"
-                                                     for k in shown), flush=True)
+    shown = ", ".join(f"{k} {summary[k]:.1f} ± {summary[k + '_std']:.1f}" for k in (
+        "return", "normalized_score", "model_return", "penalized_model_return") if k in summary)
+    print(f"epoch {epoch} step {step}: {shown}", flush=True)
     if summary.get("bound_broken"):  # D18
         results["bound_broken_evaluations"] += 1
         print(f"warning: Theorem 4.4's bound broken: penalized model − real return {summary['bound_gap']:.1f} ± "
@@ -929,9 +919,12 @@ def record(writer: SummaryWriter, results: dict, run_dir: Path, summary: dict, e
     atomic_save(run_dir / "results.json", results)
 
 
-def load_file(path: Path, keys: tuple, fix: str, weights_only: bool = True) -> dict:
+def load_file(path: str, name: str, keys: tuple, fix: str) -> tuple[Path, dict]:
+    path = Path(path) / name if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated, empty or foreign file
         if "GLOBAL " in str(e):  # mopo.py saves tensors and plain values; an object may run code when loaded
             raise ValueError(f"{path} holds a pickled object, refused: it could run code (GLOBAL "
@@ -941,15 +934,12 @@ def load_file(path: Path, keys: tuple, fix: str, weights_only: bool = True) -> d
         raise ValueError(f"{path} is damaged or not a torch file ({detail}); {fix}") from None
     if missing := [k for k in keys if not isinstance(obj, dict) or k not in obj]:
         raise ValueError(f"{path} lacks {missing}: not what mopo.py writes there; {fix}")
-    return obj
+    return path, obj
 
 
 def load_dynamics(path: str, model: EnsembleDynamics, env_id: str) -> dict:
-    file = Path(path) / "dynamics.pt" if Path(path).is_dir() else Path(path)
     fix = "--dynamics-path takes a run folder or its dynamics.pt (a run with --epochs 0 trains one)"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; {fix}")
-    saved = load_file(file, ("state_dict", "config", "env_id", "stats"), fix)
+    file, saved = load_file(path, "dynamics.pt", ("state_dict", "config", "env_id", "stats"), fix)
     config = {"spectral_norm": False} | saved["config"]  # files from before --spectral-norm lack the key
     if wrong := [f"{k} {config.get(k)} in the file vs {v} here" for k, v in model.config.items() if config.get(k) != v]:
         raise ValueError(f"{file} does not fit this run ({'; '.join(wrong)}); pass the flags it was trained with")
@@ -962,17 +952,14 @@ def load_dynamics(path: str, model: EnsembleDynamics, env_id: str) -> dict:
 def read_checkpoint(args: Args) -> tuple[Args, Optional[dict]]:
     if args.resume is None:
         return args, None
-    path = Path(args.resume) / "checkpoint.pt" if Path(args.resume).is_dir() else Path(args.resume)
     fix = "--resume takes a run folder or its checkpoint.pt; start afresh without it"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {fix}")
-    ckpt = load_file(path, ("phase", "args", "data_fingerprint", "rng"), fix)
+    path, ckpt = load_file(args.resume, "checkpoint.pt", ("phase", "args", "data_fingerprint", "rng"), fix)
     try:
         saved = Args(**ckpt["args"])
     except TypeError as e:
         raise ValueError(f"{path} is from another version of mopo.py ({e}); {fix}") from None
-    if ignored := [k for k, v in asdict(args).items() if k != "resume" and v not in (getattr(Args(), k),
-                                                                                   getattr(saved, k))]:
+    defaults, kept = asdict(Args()), asdict(saved)
+    if ignored := [k for k, v in asdict(args).items() if k != "resume" and v not in (defaults[k], kept[k])]:
         print(f"--resume: ignoring {ignored}; a resumed run keeps the settings it started with")
     return replace(saved, resume=args.resume), ckpt | {"run_dir": path.parent}
 
@@ -1066,8 +1053,8 @@ def main(args: Args) -> dict:
                                     args.spectral_norm).to(device)
         if ckpt is None and args.dynamics_path is not None:  # checked before a run folder exists
             dyn_stats = load_dynamics(args.dynamics_path, dynamics, args.env_id)
-        run_dir = ckpt["run_dir"] if ckpt else Path("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__"
-                                                            f"{int(time.time())}")
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = ckpt["run_dir"] if ckpt else Path("runs", run_name)
         run_dir.mkdir(parents=True, exist_ok=ckpt is not None)  # never write into another run's folder
         resumed = ckpt is not None and ckpt["phase"] == "policy"
         writer = make_writer(args, run_dir, ckpt["step"] + 1 if resumed else None)  # a resume drops later events
@@ -1087,8 +1074,8 @@ def main(args: Args) -> dict:
                 "phase": "dynamics", "dynamics": dynamics.state_dict(), "training": training})
             dyn_stats = train_dynamics(dynamics, model_data(real), args, log, ckpt and ckpt["training"], on_epoch)
             log.close()
-        atomic_save(run_dir / "dynamics.pt", {"state_dict": dynamics.state_dict(), "config": dynamics.config,
-                                              "env_id": args.env_id, "stats": dyn_stats})
+        atomic_save(run_dir / "dynamics.pt", {
+            "state_dict": dynamics.state_dict(), "config": dynamics.config, "env_id": args.env_id, "stats": dyn_stats})
         print(f"dynamics: {dyn_stats['epochs']} epochs, holdout MSE {dyn_stats['holdout_mse']:.4g} "
               f"(elites {dyn_stats['elite_holdout_mse']:.4g})")
         dynamics.eval()  # only predictions from here on: rollouts and the gauge keep D16's exact σ
@@ -1113,7 +1100,7 @@ def main(args: Args) -> dict:
         on_signals(lambda signum, _: signals.append(signum))
         save(start_step)
         envs = gym.vector.SyncVectorEnv([lambda: make_env(task)] * args.eval_episodes)
-        cpu_actor = copy.deepcopy(sac.actor).cpu()  # D14: the episodes step the envs without a GPU round trip
+        cpu_actor = copy.deepcopy(sac.actor).cpu()  # D14: the envs step on the CPU
         horizon = env.spec.max_episode_steps or 1000  # D17: the gauge's episodes as long as the env's
         gauge = (lambda s: model_returns(sac.actor, step_fn, s.to(device), horizon, lam, graph)) if args.gauge else None
 
