@@ -136,13 +136,13 @@ def episode_returns(path: Path) -> np.ndarray:
     return np.array([part.sum() for part in np.split(rewards, np.flatnonzero(ends) + 1)[:-1]])
 
 
-def saved_seeds(out_dir: Path) -> dict:
-    """(task, seed) → {variant: results} of the seeds whose three runs are in run_results/ (an earlier call's)."""
+def saved_runs(out_dir: Path) -> dict:
+    """(task, seed) → {variant: results} of the runs in run_results/ (earlier calls'), the newest of each variant."""
     found = {}
     for file in sorted((out_dir / "run_results").glob("*/results.json")):
         task, variant, seed = file.parent.name.split("__")[1].rsplit("-", 2)
         found.setdefault((task, int(seed.removeprefix("s"))), {})[variant] = json.loads(file.read_text())
-    return {key: runs for key, runs in found.items() if {"model", "mopo", "lam0"} <= set(runs)}  # extra λs too
+    return found
 
 
 def main(args: Args) -> dict:
@@ -171,10 +171,10 @@ def main(args: Args) -> dict:
         return folder.relative_to(out_dir), results
 
     start, paths, behaviour = time.time(), {}, {}
-    results = {k: v for k, v in saved_seeds(out_dir).items() if k[0] in args.tasks}
+    results = {k: v for k, v in saved_runs(out_dir).items() if k[0] in args.tasks}
     for task in args.tasks:
         paths[task], behaviour[task] = write_dataset(task, out_dir)
-    variants = [("mopo", []), ("lam0", ["--lam", "0.0"])] + [(f"lam{x}", ["--lam", str(x)]) for x in args.extra_lams]
+    variants = [("mopo", [])] + [(f"lam{x}", ["--lam", str(x)]) for x in args.extra_lams] + [("lam0", ["--lam", "0.0"])]
     todo = [(t, s) for t in args.tasks for s in args.seeds
             if not {v for v, _ in variants} <= set(results.get((t, s), {}))]
 
@@ -184,7 +184,8 @@ def main(args: Args) -> dict:
         if saved and "model" in results.get((task, seed), {}):
             return saved[-1].parent.relative_to(out_dir), results[(task, seed)]["model"]
         return job(task, seed, "model", "--epochs", "0")
-    print(f"seeds already in {out_dir.name}/run_results: {sorted(results)}; to run: {todo}", flush=True)
+    print(f"runs already in {out_dir.name}/run_results: {[(k, sorted(v)) for k, v in sorted(results.items())]}; "
+          f"seeds to run: {todo}", flush=True)
     pool = ThreadPoolExecutor(args.jobs)
     try:  # a failed job ends the benchmark: the queued ones are cancelled
         models = {pool.submit(model, t, s): (t, s) for t, s in todo}
@@ -223,7 +224,7 @@ def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Pat
              "seed | bound broken (evaluations, MOPO per seed) |", "|---|---|---|---|---|---|---|---|"]
     table = {}
     for task in args.tasks:
-        seeds = sorted(s for t, s in results if t == task)
+        seeds = sorted(s for (t, s), runs in results.items() if t == task and {"mopo", "lam0"} <= set(runs))
         d4rl = "-" in task  # D4RL-named tasks: normalized score; the gymnasium ones: raw returns
         key = "final_normalized_score" if d4rl else "final_return"
         data = behaviour[task]["normalized_score" if d4rl else "mean_return"]
@@ -249,8 +250,8 @@ def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Pat
     print(text, flush=True)
     (out_dir / "table.md").write_text(text + "\n")
     summary = {"tasks": table, "wall_s_of_this_call": wall, "args": vars(args) | {"out_dir": "."},
-               "runs": {f"{t}/seed_{s}": {"model": {"wall_s": r["model"].get("wall_s"), **r["model"]["dynamics"]}}
-                        | {v: r[v] for v in r if v != "model"} for (t, s), r in sorted(results.items())}}
+               "runs": {f"{t}/seed_{s}": {v: {"wall_s": r[v].get("wall_s"), **r[v]["dynamics"]} if v == "model" else r[v]
+                                          for v in r} for (t, s), r in sorted(results.items())}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
