@@ -266,8 +266,8 @@ def run_local(args: Args, todo: list, folder: Path) -> list:
 def collect(sweep_dir: str) -> dict:
     """Per task and (h, λ): mean ± std over seeds of the final normalized score (the raw return where the task has no
     reference scores), the seeds whose run broke Theorem 4.4's bound at any evaluation (mopo.py's D18), next to the
-    published figure at the published (h, λ). Missing, unreadable or unfinished
-    results are listed by path, and the table is built from the rest."""
+    published figure at the published (h, λ). Missing, unreadable or unfinished results are listed by path, and the
+    table is built from the rest."""
     root, problems, groups = Path(sweep_dir), [], defaultdict(dict)
     for run in sorted(p for p in root.rglob("runs/*__*") if p.is_dir()):
         r = read_results(run / "results.json")
