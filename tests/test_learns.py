@@ -1,11 +1,13 @@
 """benchmarks/learns.py and make_dataset.py: the datasets follow D4RL's recipes (the benchmark itself is not a test)."""
+import json
+
 import h5py
-import make_dataset
 import numpy as np
 import pytest
 import torch
 
 import learns
+import make_dataset
 import mopo
 
 
@@ -60,3 +62,16 @@ def test_the_medium_recipe_trains_saves_and_regenerates_exactly(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(act, actor.act(obs), atol=1e-3)  # the stochastic actions, not the mean
     assert summary["transitions"] == 300 and "normalized_score" in summary  # hopper-medium-v2's reference scores
+
+
+def test_runs_already_saved_are_found_by_task_seed_and_variant(tmp_path):
+    """A later call of learns.py runs only what run_results/ lacks; the table counts each run's broken bounds."""
+    for name in ("hopper-medium-v2__hopper-medium-model-s1__1__10", "hopper-medium-v2__hopper-medium-mopo-s1__1__11",
+                 "hopper-medium-v2__hopper-medium-lam2.5-s1__1__12", "hopper-medium-v2__hopper-medium-lam0-s2__2__13"):
+        (tmp_path / "run_results" / name).mkdir(parents=True)
+        (tmp_path / "run_results" / name / "results.json").write_text(json.dumps({"run_name": name}))
+    found = learns.saved_runs(tmp_path)
+    assert {k: sorted(v) for k, v in found.items()} == {("hopper-medium", 1): ["lam2.5", "model", "mopo"],
+                                                        ("hopper-medium", 2): ["lam0"]}
+    assert found[("hopper-medium", 1)]["lam2.5"]["run_name"].endswith("__12")
+    assert learns.bound({"evaluations": [{"bound_broken": 1.0}, {"bound_broken": 0.0}, {}]}) == "1/3"
