@@ -112,13 +112,15 @@ def plot_gauge(args, plt):
         if data is None:
             print(f"skipped {folder}: no model_return in its evaluations (run made before the gauge)")
         else:
-            runs.append((run_title(folder, results), *data))
+            broken = [e["bound_broken"] for e in results["evaluations"] if "bound_broken" in e]  # mopo.py's D18
+            warned = f"; warned (D18) at {int(sum(broken))}/{len(broken)}" if broken else ""
+            runs.append((run_title(folder, results), warned, *data))
     if not runs:
         raise SystemExit("no run has the gauge keys (model_return, penalized_model_return): rerun with the current "
                          "mopo.py")
     fig, axes = plt.subplots(2, len(runs), figsize=(5 * len(runs), 5.5), squeeze=False, sharex="col",
                              gridspec_kw={"height_ratios": [2, 1]})
-    for (title, steps, series), top, bottom in zip(runs, axes[0], axes[1]):
+    for (title, warned, steps, series), top, bottom in zip(runs, axes[0], axes[1]):
         for ax, keys in ((top, RETURNS), (bottom, LENGTHS)):
             for key, (label, color) in keys.items():
                 if key in series:
@@ -127,7 +129,7 @@ def plot_gauge(args, plt):
                     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             ax.grid(alpha=0.3)
         held = int((series["penalized_model_return"][0] <= series["return"][0]).sum())
-        top.set_title(f"{title}\npenalized ≤ real at {held}/{len(steps)} evaluations", fontsize=9)
+        top.set_title(f"{title}\npenalized ≤ real at {held}/{len(steps)} evaluations{warned}", fontsize=9)
         top.set_ylabel("return (raw)")
         top.legend(fontsize=8)
         bottom.set_ylabel("episode length")
