@@ -80,6 +80,8 @@ class Args:
     """if > 0, overrides the task's number of epochs (for a quick look)"""
     dynamics_max_epochs: int = 0
     """if > 0, overrides the task's cap on dynamics epochs (for a quick look)"""
+    report_only: bool = False
+    """write the table from the runs already in run_results/, run nothing"""
     extra_lams: tuple[float, ...] = ()
     """more λs on each seed's ensemble (variant `lam<λ>`), beside MOPO at the published λ and λ = 0"""
     device: str = "cpu"
@@ -184,6 +186,8 @@ def main(args: Args) -> dict:
         if saved and "model" in results.get((task, seed), {}):
             return saved[-1].parent.relative_to(out_dir), results[(task, seed)]["model"]
         return job(task, seed, "model", "--epochs", "0")
+    if args.report_only:
+        return report(args, behaviour, results, time.time() - start, out_dir)
     print(f"runs already in {out_dir.name}/run_results: {[(k, sorted(v)) for k, v in sorted(results.items())]}; "
           f"seeds to run: {todo}", flush=True)
     pool = ThreadPoolExecutor(args.jobs)
@@ -217,6 +221,11 @@ def bound(run: dict) -> str:
     return f"{sum(e.get('bound_broken', 0) > 0 for e in evaluations)}/{len(evaluations)}"
 
 
+def run_summary(variant: str, results: dict) -> dict:
+    """A model run: its wall time and the ensemble's statistics; a policy run: its results.json."""
+    return {"wall_s": results.get("wall_s"), **results["dynamics"]} if variant == "model" else results
+
+
 def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Path) -> dict:
     root = HERE.parent  # the commands name the folder from the repository's root, never by an absolute path
     where = out_dir.relative_to(root) if out_dir.is_relative_to(root) else out_dir.name
@@ -224,19 +233,21 @@ def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Pat
              "seed | bound broken (evaluations, MOPO per seed) |", "|---|---|---|---|---|---|---|---|"]
     table = {}
     for task in args.tasks:
-        seeds = sorted(s for (t, s), runs in results.items() if t == task and {"mopo", "lam0"} <= set(runs))
+        seeds = {v: sorted(s for (t, s), runs in results.items() if t == task and v in runs) for v in ("mopo", "lam0")}
         d4rl = "-" in task  # D4RL-named tasks: normalized score; the gymnasium ones: raw returns
         key = "final_normalized_score" if d4rl else "final_return"
         data = behaviour[task]["normalized_score" if d4rl else "mean_return"]
-        mopo = [results[(task, s)]["mopo"][key] for s in seeds]
-        lam0 = [results[(task, s)]["lam0"][key] for s in seeds]
+        mopo = [results[(task, s)]["mopo"][key] for s in seeds["mopo"]]  # each seed's as it lands
+        lam0 = [results[(task, s)]["lam0"][key] for s in seeds["lam0"]]
         beats = bool(mopo) and all(m > data for m in mopo)
-        broken = [bound(results[(task, s)]["mopo"]) for s in seeds]
+        broken = [bound(results[(task, s)]["mopo"]) for s in seeds["mopo"]]
         table[task] = {"behaviour": behaviour[task], "metric": key, "seeds": seeds, "mopo": mopo, "lam0": lam0,
                        "beats": beats, "bound_broken": broken, "flags": TASKS[task][3],
-                       "lam": results[(task, seeds[0])]["mopo"]["lam"] if seeds else None}
-        lines.append(f"| {task} | {data:.1f} | {fmt(mopo)} | {', '.join(f'{v:.1f}' for v in mopo)} | {fmt(lam0)} | "
-                     f"{', '.join(f'{v:.1f}' for v in lam0)} | {'yes' if beats else 'NO'} | {', '.join(broken)} |")
+                       "lam": results[(task, seeds["mopo"][0])]["mopo"]["lam"] if mopo else None}
+        per_seed = {v: ", ".join(f"s{s} {x:.1f}" for s, x in zip(seeds[v], xs)) for v, xs in (("mopo", mopo),
+                                                                                            ("lam0", lam0))}
+        lines.append(f"| {task} | {data:.1f} | {fmt(mopo)} | {per_seed['mopo']} | {fmt(lam0)} | {per_seed['lam0']} | "
+                     f"{'yes' if beats else 'NO'} | {', '.join(broken)} |")
     lines += [f"\nwall time of this call {wall / 60:.1f} min, {args.jobs} jobs at a time, 1 torch thread each, "
               f"--device {args.device}. D4RL-named tasks: D4RL normalized score; pendulum, hopper: raw returns.",
               f"Curves: python benchmarks/plot.py {where}/run_results --label-by lam --out {where}/curves.png",
@@ -250,8 +261,7 @@ def report(args: Args, behaviour: dict, results: dict, wall: float, out_dir: Pat
     print(text, flush=True)
     (out_dir / "table.md").write_text(text + "\n")
     summary = {"tasks": table, "wall_s_of_this_call": wall, "args": vars(args) | {"out_dir": "."},
-               "runs": {f"{t}/seed_{s}": {v: {"wall_s": r[v].get("wall_s"), **r[v]["dynamics"]} if v == "model" else r[v]
-                                          for v in r} for (t, s), r in sorted(results.items())}}
+               "runs": {f"{t}/seed_{s}": {v: run_summary(v, r[v]) for v in r} for (t, s), r in sorted(results.items())}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
