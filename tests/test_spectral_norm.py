@@ -50,7 +50,7 @@ def test_normalized_layers_have_spectral_norm_at_most_one_and_variance_head_is_u
 def test_the_normalized_model_still_learns():
     """The bound test_dynamics sets for the plain model, < 2% of the targets' variance, on a system a 1-Lipschitz
     network can represent. (On test_dynamics's tanh and s² system it learns far slower: 41% of the variance left
-    after 15 epochs, 28% after 60; README, "Where we depart".)"""
+    after 15 epochs, 28% after 60; benchmarks/README.md, "Spectral normalization: learning speed".)"""
     _, stats = trained(spectral_norm=True, epochs=25, system=linear_system)
     assert stats["holdout_mse"] < 0.02 * linear_system(1500)[2].var(0).mean()
 
