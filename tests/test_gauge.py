@@ -10,7 +10,9 @@ import torch.nn as nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import gauge_checkpoint
 import mopo
+from conftest import run_dir_of
 from test_penalty import stepper
 
 TINY_STD = 1e-6  # the elite's std: a sampled reward is its mean to ~1e-6
@@ -248,3 +250,15 @@ def test_few_episodes_cannot_tell_a_broken_bound_from_noise():
     assert "bound_broken" not in mopo.summarize(mopo.make_task("Hopper-v4"), episodes)
     episodes = {"return": np.zeros(4), "penalized_model_return": torch.tensor([1e6, 1.0, 1.0, 1.0])}
     assert mopo.summarize(mopo.make_task("Hopper-v4"), episodes)["bound_broken"] == 0.0  # all above, but 2⁻⁴ > 5%
+
+
+def test_a_checkpoint_regauged_episode_by_episode_gives_the_runs_last_evaluation(hopper_file, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """benchmarks/gauge_checkpoint.py re-runs the evaluation at a checkpoint's step as main ran it: the same numbers."""
+    monkeypatch.chdir(tmp_path)
+    results = mopo.main(mopo.Args(dataset_path=str(hopper_file), epochs=1, steps_per_epoch=20, rollout_freq=10,
+                                  rollout_batch_size=50, eval_episodes=5, dynamics_max_epochs=1,
+                                  dynamics_hidden_dim=16, batch_size=32, device="cpu"))
+    summary = gauge_checkpoint.main(gauge_checkpoint.Args(str(run_dir_of(tmp_path))))
+    assert summary == {k: v for k, v in results["evaluations"][-1].items() if k not in ("step", "epoch")}
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("episode ")]) == 5

@@ -1,0 +1,71 @@
+"""One evaluation of a run's checkpoint, episode by episode: real and (penalized) model returns, and D18's verdict.
+
+    python benchmarks/gauge_checkpoint.py runs/<run>                 # the run's λ
+    python benchmarks/gauge_checkpoint.py runs/<run> --lam 0.0       # another λ on the same policy and model
+
+Loads `runs/<run>/checkpoint.pt` (the policy and ensemble at its step), runs mopo.py's `evaluate` with the gauge as
+`main` binds it (episodes seeded with seed + step, as `main` seeds the evaluation at that step, the env's horizon),
+prints each episode's real return, penalized model return and gap, then the evaluation line and, where Theorem 4.4's
+bound broke, the warning, both exactly as `record` prints them. Run in the folder the run's dataset path is relative to.
+"""
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mopo  # noqa: E402
+
+
+@dataclass
+class Args:
+    run: tyro.conf.Positional[str]
+    """a run folder holding checkpoint.pt"""
+    lam: Optional[float] = None
+    """λ of the penalized model return (default: the run's)"""
+
+
+def main(args: Args) -> dict:
+    ckpt = torch.load(Path(args.run) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    run_args, results = mopo.Args(**ckpt["args"]), ckpt["results"]
+    lam = results["lam"] if args.lam is None else args.lam
+    task = mopo.make_task(run_args.env_id)
+    env = mopo.make_env(task)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    dynamics = mopo.EnsembleDynamics(obs_dim, act_dim, run_args.num_ensemble, run_args.num_elites,
+                                     run_args.dynamics_hidden_dim, run_args.spectral_norm)
+    dynamics.load_state_dict(ckpt["dynamics"])
+    dynamics.eval()
+    sac = mopo.SAC(obs_dim, act_dim, env.action_space, run_args.alpha)
+    sac.load_state_dict(ckpt["sac"])
+    step_fn = partial(mopo.model_step, dynamics, penalty_kind=run_args.penalty,
+                      termination_fn=mopo.TERMINATION_FNS[task.family])
+    envs = gym.vector.SyncVectorEnv([lambda: mopo.make_env(task)] * run_args.eval_episodes)
+    horizon = env.spec.max_episode_steps or 1000
+    gauge = lambda s: mopo.model_returns(sac.actor, step_fn, s, horizon, lam)  # noqa: E731
+    episodes = mopo.evaluate(sac.actor, envs, run_args.seed + ckpt["step"], gauge)
+    real, penalized = episodes["return"], np.asarray(episodes["penalized_model_return"], dtype=np.float64)
+    for i, (r, p) in enumerate(zip(real, penalized)):
+        print(f"episode {i}: real {r:.1f}, penalized model {p:.1f}, gap {p - r:.1f}")
+    summary = mopo.summarize(task, dict(episodes))
+    with tempfile.TemporaryDirectory() as tmp:  # record's lines, not its files
+        writer = SummaryWriter(tmp)
+        mopo.record(writer, {"lam": lam, "evaluations": [], "bound_broken_evaluations": 0}, Path(tmp), summary,
+                    ckpt["step"] // run_args.steps_per_epoch, ckpt["step"])
+        writer.close()
+    print(json.dumps({"step": ckpt["step"], "lam": lam, **summary}))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
