@@ -103,14 +103,22 @@ UNUSABLE += [] if torch.cuda.is_available() else ["cuda"]
 
 
 @pytest.mark.parametrize("device", UNUSABLE)
-def test_a_device_torch_cannot_use_is_one_line_naming_this_machines(device, tmp_path):
+def test_a_device_torch_cannot_use_is_one_error_naming_this_machines(device, tmp_path, monkeypatch):
     """Checked before anything loads: no dataset exists here, yet the device is the error."""
-    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--device", device, "--dataset-path", "none.hdf5"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip() == (f"error: --device {device!r}: torch cannot use it here; this machine has "
-                                   f"{', '.join(devices_here())} (or auto)")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        mopo.main(mopo.Args(device=device, dataset_path="none.hdf5"))
+    assert str(error.value) == (f"--device {device!r}: torch cannot use it here; this machine has "
+                                f"{', '.join(devices_here())} (or auto)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_says_so_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "mopo.py"), "--device", "xpu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == f"error: --device 'xpu': torch cannot use it here; this machine has " \
+                                  f"{', '.join(devices_here())} (or auto)"
 
 
 def test_every_device_this_machine_has_is_accepted():
