@@ -1,7 +1,7 @@
 """Plot learning curves from mopo.py runs: score against gradient updates, mean ± std across seeds, one panel per task.
 
     python benchmarks/plot.py runs/hopper-medium-v2__mopo__* runs/walker2d-medium-v2__mopo__* --out curves.png
-    python benchmarks/plot.py benchmarks/results/learns/runs --label-by exp_name
+    python benchmarks/plot.py benchmarks/results/learns/halfcheetah-random/run_results --label-by lam
 
 Each argument is a run folder (holding results.json) or a folder of run folders. Runs are grouped into panels by
 `env_id` and into curves by `--label-by` (an args field; default: one curve per task). The y-axis is the D4RL
