@@ -34,18 +34,22 @@ KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", 
 
 
 @dataclass
-class Random:
-    """D4RL's random recipe."""
-    env_id: str = "Hopper-v4"
-    """gymnasium env id"""
+class Recording:
     num_steps: int = 100_000
     """transitions to record"""
     out: str = "dataset.hdf5"
     """output hdf5 path"""
-    max_episode_steps: int = 1000
-    """episode cap (D4RL: 1000)"""
     seed: int = 0
     """seed of env and actions"""
+
+
+@dataclass
+class Random(Recording):
+    """D4RL's random recipe."""
+    env_id: str = "Hopper-v4"
+    """gymnasium env id"""
+    max_episode_steps: int = 1000
+    """episode cap (D4RL: 1000)"""
 
 
 @dataclass
@@ -72,20 +76,22 @@ class TrainBehaviour:
 
 
 @dataclass
-class Medium:
+class Medium(Recording):
     """D4RL's medium recipe from a saved actor: its stochastic actions."""
     actor: str = "actor.pt"
     """an actor written by train-behaviour"""
     num_steps: int = 200_000
     """transitions to record"""
-    out: str = "dataset.hdf5"
-    """output hdf5 path"""
-    seed: int = 0
-    """seed of env and actions"""
 
 
 def make_env(env_id: str, max_episode_steps: int = 1000, **gym_kwargs) -> gym.Env:
     return mopo.make_env(mopo.Task(env_id, "", None, env_id, {"max_episode_steps": max_episode_steps, **gym_kwargs}))
+
+
+def keep(data: dict, obs, act, rew, next_obs, terminated, truncated) -> None:
+    """One transition under D4RL's keys: a time limit is a timeout, not a terminal."""
+    for k, v in zip(KEYS, (obs, act, rew, next_obs, terminated, truncated and not terminated)):
+        data[k].append(v)
 
 
 def record(env: gym.Env, policy, num_steps: int, seed: int) -> tuple[dict, np.ndarray]:
@@ -96,8 +102,7 @@ def record(env: gym.Env, policy, num_steps: int, seed: int) -> tuple[dict, np.nd
     for _ in range(num_steps):
         act = policy(obs)
         next_obs, rew, terminated, truncated, _ = env.step(act)
-        for k, v in zip(KEYS, (obs, act, rew, next_obs, terminated, truncated and not terminated)):
-            data[k].append(v)
+        keep(data, obs, act, rew, next_obs, terminated, truncated)
         episode_return += rew
         if terminated or truncated:
             returns.append(episode_return)
@@ -144,8 +149,7 @@ def train_behaviour(env_id: str, target_return: float, actor_path, replay_out=No
             act = env.action_space.sample() if t <= warmup_steps else \
                 sac.actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
         next_obs, rew, terminated, truncated, _ = env.step(act)
-        for k, v in zip(KEYS, (obs, act, rew, next_obs, terminated, truncated and not terminated)):
-            data[k].append(v)
+        keep(data, obs, act, rew, next_obs, terminated, truncated)
         buffer.add(mopo.to_rows(*(torch.as_tensor(np.asarray([v]), dtype=torch.float32)
                                   for v in (obs, act, rew, next_obs, terminated))))
         obs = env.reset()[0] if terminated or truncated else next_obs
