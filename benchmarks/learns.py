@@ -15,8 +15,9 @@ The D4RL-named tasks train as D4RL's task of that name (`--env-id halfcheetah-me
 published (h, λ), D4RL's normalized score, mopo.py's default evaluation. pendulum and hopper are gymnasium tasks
 without reference scores (raw returns). Each finished seed's results.json files go to run_results/ at once and the
 table is rewritten; a seed whose three runs are there already is not run again, so a long benchmark can be split over
-several calls. Prints and writes table.md and summary.json; draw the curves and the gauge with benchmarks/plot.py (the
-table says the commands). Each run's gauge (D17) says whether Theorem 4.4's bound broke (D18): the table counts them.
+several calls, and a run a call left unfinished resumes from its last checkpoint in the next. Prints and writes
+table.md and summary.json; draw the curves and the gauge with benchmarks/plot.py (the table says the commands). Each
+run's gauge (D17) says whether Theorem 4.4's bound broke (D18): the table counts them.
 """
 
 import json
@@ -94,7 +95,7 @@ def data_recipe(task: str) -> str:
 
 def run(cmd, cwd, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # a resumed run's log goes on after its first part
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed; see {log}")
@@ -102,6 +103,13 @@ def run(cmd, cwd, log):
 
 def run_dir(cwd, exp_name):
     return sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*"))[-1]  # the newest: its name ends in a time
+
+
+def resume_flags(cwd, exp_name) -> list[str]:
+    """`--resume <folder>` for a run an earlier call left unfinished (stopped, or cut off with the session): its
+    checkpoint.pt is there and its results are not in run_results/ (else it is not run again); none for a new run."""
+    left = sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*/checkpoint.pt"))
+    return ["--resume", str(left[-1].parent.relative_to(cwd))] if left else []
 
 
 def data_summary(task: str, returns: np.ndarray, transitions: int) -> dict:
@@ -163,11 +171,14 @@ def main(args: Args) -> dict:
                 "--seed", str(seed), "--device", args.device, *extra]
 
     def job(task, seed, variant, *extra) -> tuple[Path, dict]:
-        """One mopo.py run; its folder, and its results.json with its wall time, kept in run_results/ at once."""
+        """One mopo.py run, or the rest of one an earlier call left; its folder, and its results.json with its wall
+        time (a resumed run's: "resumed_wall_s", this call's part), kept in run_results/ at once."""
         name, start = f"{task}-{variant}-s{seed}", time.time()
-        run(flags(task, seed) + ["--exp-name", name, *extra], out_dir, out_dir / f"{name}.log")
+        resume = resume_flags(out_dir, name)
+        run(flags(task, seed) + ["--exp-name", name, *extra, *resume], out_dir, out_dir / f"{name}.log")
         folder = run_dir(out_dir, name)
-        results = json.loads((folder / "results.json").read_text()) | {"wall_s": time.time() - start}
+        wall = {"resumed_wall_s" if resume else "wall_s": time.time() - start}
+        results = json.loads((folder / "results.json").read_text()) | wall
         (out_dir / "run_results" / folder.name).mkdir(parents=True, exist_ok=True)
         (out_dir / "run_results" / folder.name / "results.json").write_text(json.dumps(results, indent=2))
         return folder.relative_to(out_dir), results

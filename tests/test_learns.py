@@ -75,3 +75,18 @@ def test_runs_already_saved_are_found_by_task_seed_and_variant(tmp_path):
                                                         ("hopper-medium", 2): ["lam0"]}
     assert found[("hopper-medium", 1)]["lam2.5"]["run_name"].endswith("__12")
     assert learns.bound({"evaluations": [{"bound_broken": 1.0}, {"bound_broken": 0.0}, {}]}) == "1/3"
+
+
+def test_a_run_an_earlier_call_left_unfinished_resumes_from_its_folder(tmp_path):
+    """A call cut off mid-run (session end, SIGTERM) leaves its run's checkpoint; the next call resumes that run."""
+    assert learns.resume_flags(tmp_path, "hopper-medium-mopo-s1") == []  # nothing there: a new run
+    for name in ("hopper-medium-v2__hopper-medium-mopo-s1__1__10", "hopper-medium-v2__hopper-medium-mopo-s1__1__11",
+                 "hopper-medium-v2__hopper-medium-lam0-s1__1__12", "hopper-medium-v2__hopper-medium-mopo-s2__2__13"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    assert learns.resume_flags(tmp_path, "hopper-medium-mopo-s1") == []  # folders without a checkpoint: a new run
+    for name in ("hopper-medium-v2__hopper-medium-mopo-s1__1__10", "hopper-medium-v2__hopper-medium-mopo-s1__1__11",
+                 "hopper-medium-v2__hopper-medium-mopo-s2__2__13"):
+        (tmp_path / "runs" / name / "checkpoint.pt").touch()
+    assert learns.resume_flags(tmp_path, "hopper-medium-mopo-s1") == [
+        "--resume", "runs/hopper-medium-v2__hopper-medium-mopo-s1__1__11"]  # the newest, relative to where jobs run
+    assert learns.resume_flags(tmp_path, "hopper-medium-lam0-s1") == []
