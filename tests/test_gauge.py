@@ -259,6 +259,53 @@ def test_a_checkpoint_regauged_episode_by_episode_gives_the_runs_last_evaluation
     results = mopo.main(mopo.Args(dataset_path=str(hopper_file), epochs=1, steps_per_epoch=20, rollout_freq=10,
                                   rollout_batch_size=50, eval_episodes=5, dynamics_max_epochs=1,
                                   dynamics_hidden_dim=16, batch_size=32, device="cpu"))
-    summary = gauge_checkpoint.main(gauge_checkpoint.Args(str(run_dir_of(tmp_path))))
-    assert summary == {k: v for k, v in results["evaluations"][-1].items() if k not in ("step", "epoch")}
-    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("episode ")]) == 5
+    out = gauge_checkpoint.main(gauge_checkpoint.Args(str(run_dir_of(tmp_path))))
+    assert out["evaluation"] == {k: v for k, v in results["evaluations"][-1].items() if k not in ("step", "epoch")}
+    printed = capsys.readouterr().out.splitlines()
+    assert len([line for line in printed if line.startswith("episode ")]) == 5
+    assert out["model_error"]["transitions"] == out["evaluation"]["length"] * 5  # the same 5 real episodes
+    assert sum(line.startswith("model on the policy's own states (") for line in printed) == 1
+
+
+class ConstantPolicy:
+    def __init__(self, action):
+        self.action = action
+
+    def act(self, obs):
+        return self.action.expand(len(obs), -1)
+
+
+class Recorder(nn.Module):
+    """A stand-in ensemble that predicts [r, Δs] = 0 with std 1 from two members (elite: member 1), and keeps what
+    it was asked: its error is then the true [r, Δs] of each transition it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("elites", torch.tensor([1]))
+
+    def forward(self, obs, act):
+        self.seen = obs, act
+        return torch.zeros(2, len(obs), 1 + obs.shape[1]), torch.zeros(2, len(obs), 1 + obs.shape[1])
+
+
+def test_the_model_error_is_on_the_policys_own_real_transitions():
+    task, actor = mopo.make_task("Hopper-v4"), ConstantPolicy(torch.tensor([0.7, -0.3, 0.1]))
+    model, true_rows = Recorder(), []
+    for seed in (40, 41, 42):  # evaluate's seeds for 3 episodes at seed 40
+        env = mopo.make_env(task)
+        obs, _ = env.reset(seed=seed)
+        for _ in range(1000):
+            next_obs, reward, terminated, truncated, _ = env.step(np.array([0.7, -0.3, 0.1]))
+            true_rows.append(np.concatenate([obs, [reward], next_obs - obs]))
+            obs = next_obs
+            if terminated or truncated:
+                break
+    true_rows = np.array(true_rows)
+    error = gauge_checkpoint.model_error(model, actor, task, seed=40, episodes=3, penalty_kind="aleatoric")
+    np.testing.assert_allclose(model.seen[0].numpy(), true_rows[:, :11], rtol=0, atol=1e-6)  # the states it visits
+    assert error["transitions"] == len(true_rows)
+    y = true_rows[:, 11:]  # the model predicts 0: its error is the true [r, Δs]
+    assert error["mse"] == pytest.approx(np.mean(y ** 2), rel=1e-5)
+    assert error["error_norm"] == pytest.approx(np.linalg.norm(y, axis=1).mean(), rel=1e-5)
+    assert error["reward_bias"] == pytest.approx(-np.mean(y[:, 0]), rel=1e-5)
+    assert error["penalty"] == pytest.approx(math.sqrt(12), rel=1e-6)  # ‖σ‖ of 12 unit stds
