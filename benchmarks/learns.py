@@ -20,6 +20,7 @@ table.md and summary.json; draw the curves and the gauge with benchmarks/plot.py
 run's gauge (D17) says whether Theorem 4.4's bound broke (D18): the table counts them.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,14 +122,26 @@ def data_summary(task: str, returns: np.ndarray, transitions: int) -> dict:
 
 
 def write_dataset(task: str, out_dir: Path, transitions: int = 0, behaviour: Path = BEHAVIOUR) -> tuple[Path, dict]:
-    """The task's dataset (seed 0), with `transitions` rows if > 0, else the task's; and a summary of its episodes."""
+    """The task's dataset (seed 0), with `transitions` rows if > 0, else the task's; and a summary of its episodes.
+    An earlier call's file is kept when what made it (the task, its rows, the bytes of make_dataset.py, mopo.py and
+    the actor or replay file it is drawn from) is unchanged: its `recipe` attribute, written last, says so."""
     gym_id, _, default, _ = TASKS[task]
     path, transitions = out_dir / f"{task.replace('-', '_')}.hdf5", transitions or default
     family, recipe = gym_id.split("-")[0].lower(), data_recipe(task)
+    actor, replay = behaviour / f"{family}_medium_actor.pt", behaviour / f"{family}_medium_replay.hdf5"
+    digest = hashlib.sha256(f"{task} {transitions}".encode())
+    drawn_from = {"medium": [actor], "medium-replay": [replay]}.get(recipe, [])
+    for source in [HERE / "make_dataset.py", HERE.parent / "mopo.py", *drawn_from]:
+        digest.update(source.read_bytes() if source.is_file() else b"")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("recipe") == digest.hexdigest():
+                return path, json.loads(f.attrs["summary"])
+    except OSError:  # absent, or cut off while it was written: written (again)
+        pass
     if recipe == "medium":
-        returns = make_medium(path, behaviour / f"{family}_medium_actor.pt", transitions, seed=0)
+        returns = make_medium(path, actor, transitions, seed=0)
     elif recipe == "medium-replay":
-        replay = behaviour / f"{family}_medium_replay.hdf5"
         if not replay.is_file():
             raise FileNotFoundError(f"{replay} is missing: python benchmarks/make_dataset.py train-behaviour ... "
                                     f"--replay-out {replay} writes it (see benchmarks/README.md)")
@@ -136,7 +149,10 @@ def write_dataset(task: str, out_dir: Path, transitions: int = 0, behaviour: Pat
         returns, transitions = episode_returns(path), len(h5py.File(path, "r")["rewards"])
     else:
         returns = make_dataset(path, gym_id, transitions, seed=0)
-    return path, data_summary(task, returns, transitions)
+    summary = data_summary(task, returns, transitions)
+    with h5py.File(path, "a") as f:
+        f.attrs["summary"], f.attrs["recipe"] = json.dumps(summary), digest.hexdigest()
+    return path, summary
 
 
 def episode_returns(path: Path) -> np.ndarray:

@@ -30,6 +30,21 @@ def test_halfcheetah_random_data_is_d4rls_recipe(tmp_path):
         np.testing.assert_array_equal(f["observations"][:5], first)  # a fixed seed
 
 
+def test_a_dataset_made_by_the_same_recipe_is_kept_and_any_change_writes_it_again(tmp_path, monkeypatch):
+    path, summary = learns.write_dataset("halfcheetah-random", tmp_path, transitions=1500)
+    written = []
+    monkeypatch.setattr(learns, "make_dataset", lambda *a, **k: written.append(a) or make_dataset.make_dataset(*a, **k))
+    assert learns.write_dataset("halfcheetah-random", tmp_path, transitions=1500) == (path, summary) and not written
+    learns.write_dataset("halfcheetah-random", tmp_path, transitions=1000)  # another size
+    learns.write_dataset("halfcheetah-random", tmp_path, transitions=1000)
+    with open(path, "r+b") as f:  # cut off while it was written
+        f.truncate(path.stat().st_size // 2)
+    learns.write_dataset("halfcheetah-random", tmp_path, transitions=1000)
+    monkeypatch.setattr(learns, "HERE", tmp_path)  # make_dataset.py or mopo.py changed (here: gone)
+    learns.write_dataset("halfcheetah-random", tmp_path, transitions=1000)
+    assert [a[2] for a in written] == [1000, 1000, 1000]  # the new size once, then after each change
+
+
 def test_the_medium_recipe_trains_saves_and_regenerates_exactly(tmp_path):
     """make_dataset.py at a tiny budget: online SAC with mopo.py's own update stops at the first evaluation that
     reaches the target (here at once) and saves its actor and how it was made; its replay buffer is D4RL's layout
