@@ -107,7 +107,7 @@ def run_dir(cwd, exp_name):
 
 
 def resume_flags(cwd, exp_name) -> list[str]:
-    """`--resume <folder>` for a run an earlier call left unfinished (stopped, or cut off with the session): its
+    """`--resume <folder>` for a run an earlier call left unfinished (stopped, killed, the machine shut down): its
     checkpoint.pt is there and its results are not in run_results/ (else it is not run again); none for a new run."""
     left = sorted((Path(cwd) / "runs").glob(f"*__{exp_name}__*/checkpoint.pt"))
     return ["--resume", str(left[-1].parent.relative_to(cwd))] if left else []
