@@ -93,7 +93,7 @@ def test_runs_already_saved_are_found_by_task_seed_and_variant(tmp_path):
 
 
 def test_a_run_an_earlier_call_left_unfinished_resumes_from_its_folder(tmp_path):
-    """A call cut off mid-run (SIGTERM, SIGKILL, a shutdown) leaves its run's checkpoint; the next call resumes that run."""
+    """A call cut off mid-run (SIGTERM, SIGKILL, a shutdown) leaves its run's checkpoint; the next call resumes it."""
     assert learns.resume_flags(tmp_path, "hopper-medium-mopo-s1") == []  # nothing there: a new run
     for name in ("hopper-medium-v2__hopper-medium-mopo-s1__1__10", "hopper-medium-v2__hopper-medium-mopo-s1__1__11",
                  "hopper-medium-v2__hopper-medium-lam0-s1__1__12", "hopper-medium-v2__hopper-medium-mopo-s2__2__13"):
