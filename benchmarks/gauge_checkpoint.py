@@ -41,9 +41,8 @@ class Args:
 @torch.no_grad()
 def model_error(dynamics, actor, task, seed: int, episodes: int, penalty_kind: str) -> dict:
     """The ensemble on the deterministic policy's real transitions, episodes seeded as `evaluate` seeds them."""
-    rows = []
+    rows, env = [], mopo.make_env(task)
     for i in range(episodes):
-        env = mopo.make_env(task)
         obs, _ = env.reset(seed=seed + i)  # sub-env i of evaluate's vector env is reset with seed + i
         done = False
         while not done:
