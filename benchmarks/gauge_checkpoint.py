@@ -2,6 +2,7 @@
 
     python benchmarks/gauge_checkpoint.py runs/<run>                 # the run's λ
     python benchmarks/gauge_checkpoint.py runs/<run> --lam 0.0       # another λ on the same policy and model
+    OMP_NUM_THREADS=1 python benchmarks/gauge_checkpoint.py runs/<run>   # a learns.py run (1 thread): bit for bit
 
 Loads `runs/<run>/checkpoint.pt` (the policy and ensemble at its step), runs mopo.py's `evaluate` with the gauge as
 `main` binds it (episodes seeded with seed + step, as `main` seeds the evaluation at that step, the env's horizon),
